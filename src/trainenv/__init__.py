@@ -1,0 +1,53 @@
+"""trainenv: the job container's configuration as one immutable snapshot, and its launcher.
+
+User code reads the snapshot::
+
+    from trainenv import training_env
+    env = training_env()
+    env.hyperparameters["lr"], env.channel_dirs["train"], env.model_dir, env.num_gpus
+
+Importing this package is cheap and has no side effects: it reads no file, sets no
+variable and imports neither click, yaml, psutil nor pynvml. Everything is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "training_env",
+    "serving_env",
+    "TrainingEnv",
+    "ServingEnv",
+    "TrainenvError",
+    "ConfigError",
+    "InstallError",
+    "__version__",
+]
+
+_LAZY = {
+    "training_env": "trainenv.environment",
+    "serving_env": "trainenv.environment",
+    "TrainingEnv": "trainenv.environment",
+    "ServingEnv": "trainenv.environment",
+    "TrainenvError": "trainenv.errors",
+    "ConfigError": "trainenv.errors",
+    "InstallError": "trainenv.errors",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainenv.environment import ServingEnv, TrainingEnv, serving_env, training_env
+    from trainenv.errors import ConfigError, InstallError, TrainenvError
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'trainenv' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value

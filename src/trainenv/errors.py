@@ -1,0 +1,62 @@
+"""trainenv's own failures, each with its category and exit code (CONTRACT §5).
+
+| exception       | category        | exit |
+|-----------------|-----------------|------|
+| ``ConfigError`` | ``ConfigError`` | 78   |
+| ``InstallError``| ``InstallError``| 69   |
+| ``InternalError``| ``InternalError``| 70  |
+
+Messages are one line and name the source (file or variable), the key and the value, so the
+first line of ``output/failure`` says what to fix.
+"""
+
+from __future__ import annotations
+
+EXIT_CONFIG = 78
+EXIT_INSTALL = 69
+EXIT_INTERNAL = 70
+EXIT_TIMEOUT = 124
+
+_MAX_SHOWN_VALUE = 80
+
+
+def shown(value: object) -> str:
+    """``repr`` of a value, cut to a readable length, for one-line error messages."""
+    text = repr(value)
+    if len(text) > _MAX_SHOWN_VALUE:
+        text = text[: _MAX_SHOWN_VALUE - 3] + "..."
+    return text
+
+
+class TrainenvError(Exception):
+    """Base class: a failure of trainenv itself, not of the user's code."""
+
+    category = "InternalError"
+    exit_code = EXIT_INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split("\n")))
+
+
+class ConfigError(TrainenvError, ValueError):
+    """The job's configuration (a file, a variable or a flag) is invalid."""
+
+    category = "ConfigError"
+    exit_code = EXIT_CONFIG
+
+    @classmethod
+    def at(cls, source: object, key: str | None, problem: str) -> "ConfigError":
+        """``<source>: <key>: <problem>``, e.g. ``/ml/input/config/hyperparameters.json: lr: ...``."""
+        where = f"{source}: {key}" if key else f"{source}"
+        return cls(f"{where}: {problem}")
+
+
+class InstallError(TrainenvError):
+    """Installing the job's requirements failed."""
+
+    category = "InstallError"
+    exit_code = EXIT_INSTALL
+
+
+class InternalError(TrainenvError):
+    """A bug or an unexpected condition inside trainenv."""

@@ -1,0 +1,49 @@
+"""What counts as a secret, and hiding it (CONTRACT §8).
+
+A name is secret when it contains ``token``, ``secret``, ``password``, ``passwd``, ``key``,
+``credential`` or ``auth`` in any case. Its value is shown as ``***``. Independently, the
+``user:password@`` part of any URL is replaced by ``***@`` wherever it appears in text.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Mapping
+
+MASK = "***"
+_SECRET_NAME = re.compile(r"token|secret|password|passwd|key|credential|auth", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
+_MIN_SECRET_LEN = 4
+
+
+def is_secret_name(name: str) -> bool:
+    return _SECRET_NAME.search(name) is not None
+
+
+def redact_urls(text: str) -> str:
+    """Replace ``scheme://user:pass@`` with ``scheme://***@``."""
+    if "@" not in text:
+        return text
+    return _URL_USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", text)
+
+
+def redact_value(name: str, value: str) -> str:
+    return MASK if is_secret_name(name) and value != "" else redact_urls(value)
+
+
+def redact_mapping(values: Mapping[str, str]) -> dict:
+    return {k: redact_value(k, v) for k, v in values.items()}
+
+
+def secret_values(values: Mapping[str, str]) -> list:
+    """The values of secret-looking names, longest first (for scrubbing free text)."""
+    found = {v for k, v in values.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """Scrub free text (a log line, a stderr tail): known secret values and URL credentials."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return redact_urls(text)

@@ -1,0 +1,53 @@
+"""The read-only mapping behaviour shared by the frozen snapshot classes.
+
+A snapshot is a frozen dataclass; this mixin makes it a ``Mapping`` over its fields, so
+``dict(env)``, ``env["hosts"]`` and ``json.dumps(dict(env))`` work, and gives ``to_json()``.
+Paths become strings and tuples lists in ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import PurePath
+from typing import Any, Iterator, Mapping
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy of a snapshot value: paths as str, tuples as lists, nested mappings."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, SnapshotMapping):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+class SnapshotMapping(Mapping):
+    """Mixin for frozen dataclasses: a read-only mapping over the dataclass fields."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._field_names():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._field_names())
+
+    def __len__(self) -> int:
+        return len(self._field_names())
+
+    @classmethod
+    def _field_names(cls) -> tuple:
+        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict:
+        return {name: plain(getattr(self, name)) for name in self._field_names()}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
