@@ -1,0 +1,5 @@
+"""``python -m trainenv``: the same as the ``trainenv`` command."""
+
+from trainenv.cli import main
+
+main()

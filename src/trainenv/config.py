@@ -1,0 +1,216 @@
+"""Reading and validating the job's config files into plain data.
+
+Every reader takes a path, returns plain Python data, and raises ``ConfigError`` with a
+one-line message naming the file, the key and the value when the content is invalid. An
+optional file that is absent reads as empty; a present one must be valid. Nothing is written.
+
+| file (under ``input/config/``) | reader | shape |
+|---|---|---|
+| ``hyperparameters.json``  | ``read_hyperparameters``  | object; string values that parse as JSON are decoded |
+| ``inputdataconfig.json``  | ``read_input_data_config`` | object of objects, keyed by channel |
+| ``resourceconfig.json``   | ``read_resource_config``  | object (validated by ``trainenv.cluster``) |
+| ``trainenv.yaml``         | ``read_settings_file``    | mapping of launch settings (``trainenv.settings``) |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional, Tuple
+
+from trainenv.errors import ConfigError, shown
+
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+MAX_NAME_LENGTH = 256
+
+# Hyperparameter names: what argparse, Hydra and env-var normalization can all carry.
+_HP_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.:+/\-]*\Z")
+# Channel names become directory names below input/data and output/.
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+
+# Hyperparameters that platforms add for themselves, not for the user's script.
+PLATFORM_HP_PREFIXES = ("sagemaker_",)
+PLATFORM_HP_NAMES = frozenset({"_tuning_objective_metric"})
+
+
+def read_bytes(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Optional[bytes]:
+    """The file's bytes, ``None`` if it does not exist; a ConfigError if unreadable or too big."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigError.at(path, None, "is a directory, expected a file") from None
+    except OSError as exc:
+        raise ConfigError.at(path, None, f"cannot read: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise ConfigError.at(
+            path, None, f"larger than {max_bytes // (1024 * 1024)} MiB; keep large data in an input channel"
+        )
+    return data
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError.at(path, None, f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})") from None
+
+
+def _reject_duplicates(pairs: list) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def parse_json(path: object, text: str) -> Any:
+    """Parse JSON text; errors name the file with line and column. Duplicate keys are errors."""
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicates)
+    except json.JSONDecodeError as exc:
+        raise ConfigError.at(path, None, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise ConfigError.at(path, str(exc.args[0]), "key appears more than once") from None
+    except RecursionError:
+        raise ConfigError.at(path, None, "JSON nested too deeply") from None
+
+
+def read_json_object(path: Path) -> Optional[dict]:
+    """A JSON file whose top level must be an object; ``None`` when the file is absent."""
+    data = read_bytes(path)
+    if data is None:
+        return None
+    value = parse_json(path, decode_text(path, data))
+    if not isinstance(value, dict):
+        raise ConfigError.at(path, None, f"top level must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _not_json_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def decode_hyperparameter(value: Any) -> Any:
+    """PAI and SageMaker write every value as a string: ``"0.1"`` → 0.1, ``"[1,2]"`` → [1, 2].
+
+    A string that parses as JSON is decoded (one level); any other string is kept as is.
+    ``"NaN"`` and ``"Infinity"`` stay strings, since they are not JSON.
+    """
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text or text[0] not in '-0123456789tfn"[{':
+        return value
+    try:
+        return json.loads(text, parse_constant=_not_json_constant)
+    except (ValueError, RecursionError):
+        return value
+
+
+def check_hyperparameter_name(source: object, name: str) -> None:
+    if not isinstance(name, str) or not _HP_NAME.match(name) or len(name) > MAX_NAME_LENGTH:
+        raise ConfigError.at(
+            source, shown(name), "invalid hyperparameter name: use ASCII letters, digits and _ . - : + / (no spaces, '=' or control characters)"
+        )
+
+
+def is_platform_hyperparameter(name: str) -> bool:
+    return name in PLATFORM_HP_NAMES or name.startswith(PLATFORM_HP_PREFIXES)
+
+
+def read_hyperparameters(path: Path) -> Tuple[dict, dict]:
+    """``(user hyperparameters, platform parameters)`` in file order, values decoded.
+
+    Platform parameters are the ``sagemaker_*`` keys (and ``_tuning_objective_metric``) that a
+    platform adds for itself; they are kept apart so they never reach the script's argv.
+    """
+    raw = read_json_object(path) or {}
+    user: dict = {}
+    platform: dict = {}
+    for name, value in raw.items():
+        check_hyperparameter_name(path, name)
+        target = platform if is_platform_hyperparameter(name) else user
+        target[name] = decode_hyperparameter(value)
+    return user, platform
+
+
+def check_channel_name(source: object, name: object) -> str:
+    """A channel name must stay a single directory name below ``input/data``."""
+    if (
+        not isinstance(name, str)
+        or not _CHANNEL_NAME.match(name)
+        or ".." in name
+        or len(name) > MAX_NAME_LENGTH
+    ):
+        raise ConfigError.at(
+            source, shown(name), "invalid channel name: use ASCII letters, digits and _ . - (no '/', '..', NUL or newline)"
+        )
+    return name
+
+
+def read_input_data_config(path: Path) -> dict:
+    """``{channel: {ContentType, TrainingInputMode, ...}}``; empty when the file is absent."""
+    raw = read_json_object(path) or {}
+    for name, value in raw.items():
+        check_channel_name(path, name)
+        if not isinstance(value, dict):
+            raise ConfigError.at(path, name, f"must be a JSON object, got {type(value).__name__}")
+    return raw
+
+
+def read_resource_config(path: Path) -> Optional[dict]:
+    """SageMaker's ``{current_host, hosts, network_interface_name, ...}``; ``None`` if absent."""
+    return read_json_object(path)
+
+
+def list_channel_dirs(data_dir: Path) -> list:
+    """Names of the directories directly below ``input/data`` (sorted), each validated."""
+    try:
+        entries = list(os.scandir(data_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise ConfigError.at(data_dir, None, f"cannot list: {exc.strerror}") from None
+    names = [entry.name for entry in entries if entry.is_dir()]
+    for name in names:
+        check_channel_name(data_dir, name)
+    return sorted(names)
+
+
+def read_settings_file(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
+    """The first ``trainenv.yaml`` that exists, as a mapping, and its path."""
+    for path in paths:
+        data = read_bytes(path)
+        if data is None:
+            continue
+        text = decode_text(path, data)
+        import yaml  # deferred: only jobs that have a trainenv.yaml pay for it
+
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "syntax error"
+            raise ConfigError.at(path, None, f"invalid YAML{where}: {problem}") from None
+        except RecursionError:
+            raise ConfigError.at(path, None, "YAML nested too deeply") from None
+        if value is None:
+            return {}, path
+        if not isinstance(value, dict):
+            raise ConfigError.at(path, None, f"top level must be a mapping, got {type(value).__name__}")
+        for key in value:
+            if not isinstance(key, str):
+                raise ConfigError.at(path, shown(key), "setting names must be strings")
+        return value, path
+    return {}, None

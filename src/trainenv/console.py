@@ -1,0 +1,45 @@
+"""trainenv's own log lines: ``trainenv: <message>`` on stderr, redacted, one write each.
+
+``TRAINENV_LOG_LEVEL`` = ``quiet`` (errors only), ``info`` (default) or ``debug``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Iterable
+
+from trainenv.redact import redact_text
+
+_LEVELS = {"quiet": 0, "error": 0, "info": 1, "debug": 2}
+
+
+class Console:
+    """Writes trainenv's messages; every line goes through ``redact_text``."""
+
+    def __init__(self, level: str = "info", secrets: Iterable[str] = (), stream=None) -> None:
+        self.level = _LEVELS.get(level.lower(), 1)
+        self.secrets = tuple(secrets)
+        self.stream = stream if stream is not None else sys.stderr
+
+    def _write(self, text: str) -> None:
+        lines = redact_text(text, self.secrets).splitlines() or [""]
+        self.stream.write("".join(f"trainenv: {line}\n" for line in lines))
+        self.stream.flush()
+
+    def info(self, text: str) -> None:
+        if self.level >= 1:
+            self._write(text)
+
+    def debug(self, text: str) -> None:
+        if self.level >= 2:
+            self._write(text)
+
+    def error(self, text: str) -> None:
+        self._write(text)
+
+    __call__ = info
+
+
+def console_for(environ=os.environ, secrets: Iterable[str] = ()) -> Console:
+    return Console(environ.get("TRAINENV_LOG_LEVEL", "info"), secrets)

@@ -1,0 +1,249 @@
+"""``TrainingEnv`` and ``ServingEnv``: the job container as one immutable snapshot.
+
+``training_env()`` reads the config files (``trainenv.config``), discovers the cluster
+(``trainenv.cluster``) and the hardware (``trainenv.resources``, probed once per process),
+and returns a frozen ``TrainingEnv``. It is a read-only mapping: ``dict(env)`` and
+``env["hosts"]`` work, and ``env.to_json()`` is what the launcher writes to
+``TRAINENV_ENV_FILE``. Inside a job started by ``trainenv train`` that file is loaded
+instead of probing again. Building a snapshot reads files and never writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+from trainenv.errors import ConfigError
+from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
+from trainenv.snapshot import SnapshotMapping
+
+ENV_FILE_VAR = "TRAINENV_ENV_FILE"
+DEFAULT_JOB_NAME = "trainenv-job"
+
+
+@dataclass(frozen=True)
+class TrainingEnv(SnapshotMapping):
+    """Everything a training job may need to know about its container, read once.
+
+    Paths are absolute strings; lists are tuples and mappings are read-only.
+    """
+
+    base_dir: str
+    local_mode: bool
+    job_name: str
+    hyperparameters: Mapping[str, Any]
+    framework_parameters: Mapping[str, Any]
+    user_args: Tuple[str, ...]
+    channels: Tuple[str, ...]
+    channel_dirs: Mapping[str, str]
+    input_data_config: Mapping[str, Any]
+    output_dirs: Mapping[str, str]
+    code_dir: str
+    input_dir: str
+    config_dir: str
+    data_dir: str
+    output_dir: str
+    model_dir: str
+    checkpoint_dir: str
+    tensorboard_dir: str
+    failure_file: str
+    hosts: Tuple[str, ...]
+    current_host: str
+    master_host: str
+    master_port: Optional[int]
+    node_rank: int
+    num_nodes: int
+    is_master: bool
+    network_interface: Optional[str]
+    cluster_source: str
+    platform_nproc_per_node: Optional[int]
+    num_cpus: int
+    memory_bytes: int
+    num_gpus: int
+    gpus: Tuple[Mapping[str, Any], ...]
+    resource_config: Optional[Mapping[str, Any]]
+
+    def to_env_vars(self, compat: Sequence[str] = ("pai",), **options: Any) -> dict:
+        """The snapshot as environment variables: see ``trainenv.naming``."""
+        from trainenv.naming import to_env_vars
+
+        return to_env_vars(self, compat, **options)
+
+    def to_cmd_args(self) -> list:
+        """``--name value`` per hyperparameter, in the file's order."""
+        return list(self.user_args)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingEnv":
+        """The inverse of ``to_dict()`` (used to load ``TRAINENV_ENV_FILE``)."""
+        names = cls._field_names()
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ConfigError(f"snapshot is missing fields {missing[:5]}; was it written by another trainenv version?")
+        return cls(**{name: _freeze(data[name]) for name in names})
+
+
+def _freeze(value: Any) -> Any:
+    """Top-level dicts become read-only mappings and lists tuples; values inside stay JSON data."""
+    if isinstance(value, dict):
+        return MappingProxyType(value)
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+_hardware: dict = {}
+
+
+def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, int, tuple]:
+    """``(cpus, memory bytes, gpus)``, probed once per process and root."""
+    key = (root, environ.get("CUDA_VISIBLE_DEVICES"), environ.get("NVIDIA_VISIBLE_DEVICES"))
+    if key not in _hardware:
+        from trainenv import resources
+
+        gpus = tuple(
+            MappingProxyType(
+                {"index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes}
+            )
+            for g in resources.gpus(environ)
+        )
+        _hardware[key] = (resources.cpu_count(root), resources.memory_bytes(root), gpus)
+    return _hardware[key]
+
+
+def _output_channels(layout: Layout) -> list:
+    from trainenv.config import check_channel_name
+
+    names = list(STANDARD_OUTPUT_CHANNELS)
+    try:
+        entries = sorted(e.name for e in os.scandir(layout.output_dir) if e.is_dir())
+    except OSError:
+        entries = []
+    for name in entries:
+        if name not in names:
+            names.append(check_channel_name(layout.output_dir, name))
+    return names
+
+
+def build_training_env(
+    environ: Mapping[str, str] = os.environ,
+    *,
+    layout: Optional[Layout] = None,
+    settings: Optional[Mapping[str, Any]] = None,
+    root: str = "/",
+    hostname: Optional[str] = None,
+) -> TrainingEnv:
+    """Read the config files, discover the cluster and the hardware; never writes."""
+    from trainenv import config
+    from trainenv.cluster import discover_cluster
+    from trainenv.naming import normalized_names, to_cmd_args
+
+    layout = layout or Layout.resolve(environ)
+    if settings is None:
+        settings, _ = config.read_settings_file(layout.settings_files)
+    hyperparameters, framework_parameters = config.read_hyperparameters(layout.hyperparameters_file)
+    input_data_config = config.read_input_data_config(layout.inputdataconfig_file)
+    channels = list(input_data_config)
+    channels += [c for c in config.list_channel_dirs(layout.data_dir) if c not in input_data_config]
+    normalized_names(hyperparameters, "hyperparameter")
+    normalized_names(channels, "channel")
+    resource_config = config.read_resource_config(layout.resourceconfig_file)
+    cluster = discover_cluster(
+        environ,
+        resource_config=resource_config,
+        resource_config_source=str(layout.resourceconfig_file),
+        settings=settings,
+        hostname=hostname or os.uname().nodename,
+    )
+    cpus, memory, gpus = probe_hardware(environ, root)
+    output_channels = _output_channels(layout)
+    job_name = (
+        environ.get("TRAINENV_JOB_NAME")
+        or environ.get("TRAINING_JOB_NAME")
+        or framework_parameters.get("sagemaker_job_name")
+        or DEFAULT_JOB_NAME
+    )
+    return TrainingEnv(
+        base_dir=str(layout.base_dir),
+        local_mode=layout.local_mode,
+        job_name=str(job_name),
+        hyperparameters=MappingProxyType(hyperparameters),
+        framework_parameters=MappingProxyType(framework_parameters),
+        user_args=tuple(to_cmd_args(hyperparameters)),
+        channels=tuple(channels),
+        channel_dirs=MappingProxyType({c: str(layout.channel_dir(c)) for c in channels}),
+        input_data_config=MappingProxyType(input_data_config),
+        output_dirs=MappingProxyType({c: str(layout.output_channel_dir(c)) for c in output_channels}),
+        code_dir=str(layout.code_dir),
+        input_dir=str(layout.input_dir),
+        config_dir=str(layout.config_dir),
+        data_dir=str(layout.data_dir),
+        output_dir=str(layout.output_dir),
+        model_dir=str(layout.model_dir),
+        checkpoint_dir=str(layout.checkpoint_dir),
+        tensorboard_dir=str(layout.tensorboard_dir),
+        failure_file=str(layout.failure_file),
+        hosts=cluster.hosts,
+        current_host=cluster.current_host,
+        master_host=cluster.master_addr,
+        master_port=cluster.master_port,
+        node_rank=cluster.node_rank,
+        num_nodes=cluster.num_nodes,
+        is_master=cluster.is_master,
+        network_interface=cluster.network_interface,
+        cluster_source=cluster.source,
+        platform_nproc_per_node=cluster.nproc_per_node,
+        num_cpus=cpus,
+        memory_bytes=memory,
+        num_gpus=len(gpus),
+        gpus=gpus,
+        resource_config=MappingProxyType(resource_config) if resource_config is not None else None,
+    )
+
+
+def load_training_env(path: str) -> TrainingEnv:
+    """Load a snapshot the launcher wrote (``TRAINENV_ENV_FILE``)."""
+    from pathlib import Path
+
+    from trainenv.config import decode_text, parse_json, read_bytes
+
+    data = read_bytes(Path(path), max_bytes=256 * 1024 * 1024)
+    if data is None:
+        raise ConfigError.at(ENV_FILE_VAR, None, f"{path!r} does not exist")
+    value = parse_json(path, decode_text(Path(path), data))
+    if not isinstance(value, dict):
+        raise ConfigError.at(path, None, "a snapshot file must hold a JSON object")
+    return TrainingEnv.from_dict(value)
+
+
+def training_env(environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:
+    """The job's snapshot: loaded from ``TRAINENV_ENV_FILE`` when the launcher wrote one."""
+    environ = os.environ if environ is None else environ
+    env_file = environ.get(ENV_FILE_VAR)
+    if env_file and os.path.isfile(env_file):
+        return load_training_env(env_file)
+    return build_training_env(environ)
+
+
+def serving_env(environ: Optional[Mapping[str, str]] = None) -> "ServingEnv":
+    """The serving container's snapshot (``trainenv.serving.config``)."""
+    from trainenv.serving.config import resolve_serving_env
+
+    environ = os.environ if environ is None else environ
+    cpus, _, gpus = probe_hardware(environ)
+    return resolve_serving_env(environ, Layout.resolve(environ), cpus, len(gpus))
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ServingEnv":
+        from trainenv.serving.config import ServingEnv
+
+        return ServingEnv
+    raise AttributeError(name)
+
+
+__all__ = ["TrainingEnv", "ServingEnv", "training_env", "serving_env", "build_training_env", "load_training_env"]

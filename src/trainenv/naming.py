@@ -1,0 +1,374 @@
+"""Every variable and argument the entry point receives (CONTRACT §4), as pure functions.
+
+``to_env_vars(env)`` turns a ``TrainingEnv`` into ``{NAME: value}``; ``to_cmd_args(hps)`` into
+argv. Name sets:
+
+- **always** – ``TRAINENV_BASE_DIR``, ``TRAINENV_HPS`` (JSON), ``TRAINENV_HP_<NAME>``,
+  ``TRAINENV_USER_ARGS`` (JSON list), ``TRAINENV_CHANNELS`` (JSON list),
+  ``TRAINENV_CHANNEL_<NAME>``, ``TRAINENV_MODEL_DIR``, ``TRAINENV_CHECKPOINT_DIR``,
+  ``TRAINENV_OUTPUT_DIR``, ``TRAINENV_CODE_DIR``, ``TRAINENV_HOSTS`` (JSON list),
+  ``TRAINENV_CURRENT_HOST``, ``TRAINENV_MASTER_HOST``, ``TRAINENV_NODE_RANK``,
+  ``TRAINENV_NUM_NODES``, ``TRAINENV_NUM_CPUS``, ``TRAINENV_NUM_GPUS``; the launcher adds
+  ``TRAINENV_ENV_FILE``.
+- **compat ``pai``** (default) – ``PAI_HPS``, ``PAI_HPS_<NAME>``, ``PAI_USER_ARGS`` (each
+  token shell-quoted once), ``PAI_INPUT_<CH>``, ``PAI_OUTPUT_<CH>``, ``PAI_WORKING_DIR``,
+  ``PAI_CONFIG_DIR``.
+- **compat ``sagemaker``** – the ``SM_*`` set of AWS's sagemaker-training toolkit, name for
+  name, with two deliberate differences: ``<NAME>`` is normalized (``SM_HP_LEARNING_RATE``, not
+  the invalid ``SM_HP_LEARNING-RATE``) and argv values are JSON (``true``, ``[1,2]``), not
+  Python ``str()`` (``True``, ``[1, 2]``).
+- **compat ``vertex``** – ``AIP_MODEL_DIR``, ``AIP_CHECKPOINT_DIR``, ``AIP_TENSORBOARD_LOG_DIR``,
+  ``AIP_TRAINING_DATA_URI`` / ``AIP_VALIDATION_DATA_URI`` / ``AIP_TEST_DATA_URI`` for the
+  channels ``train``/``validation``/``test``, and ``CLUSTER_SPEC`` on several nodes.
+- **several nodes only** – ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK``, ``NNODES``,
+  ``NPROC_PER_NODE``, ``PET_MASTER_ADDR``, ``PET_MASTER_PORT``, ``PET_NODE_RANK``,
+  ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``TF_CONFIG`` (one worker per node), and
+  ``NCCL_SOCKET_IFNAME``/``GLOO_SOCKET_IFNAME`` when the cluster names its interface.
+
+``<NAME>`` is the name upper-cased with every character outside ``[A-Z0-9_]`` replaced by
+``_``; two names that normalize alike are a ``ConfigError``. Values: strings as they are,
+everything else compact JSON. No ``NAME=value`` is longer than 32 KiB: a longer one is left
+out (it stays in the snapshot file, ``TRAINENV_ENV_FILE``) and ``TRAINENV_OMITTED`` lists the
+names left out, so a job never fails with "Argument list too long".
+
+Which of these the platform already set is the launcher's business: it never overwrites a
+name other than ``TRAINENV_*``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
+
+from trainenv.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from trainenv.environment import TrainingEnv
+
+MAX_VAR_BYTES = 32 * 1024
+COMPAT_SETS = ("pai", "sagemaker", "vertex")
+DEFAULT_COMPAT = ("pai",)
+DEFAULT_MASTER_PORT = 29500
+TF_CONFIG_PORT = 2222
+OMITTED_NAME = "TRAINENV_OMITTED"
+
+_NOT_NAME = re.compile(r"[^A-Z0-9_]")
+
+
+def normalize(name: str) -> str:
+    """``learning-rate`` → ``LEARNING_RATE``."""
+    return _NOT_NAME.sub("_", name.upper())
+
+
+def normalized_names(names: Iterable[str], what: str) -> dict:
+    """``{name: NORMALIZED}``; a ConfigError when two names normalize to the same thing."""
+    seen: dict = {}
+    result: dict = {}
+    for name in names:
+        key = normalize(name)
+        if key in seen:
+            raise ConfigError(
+                f"{what} names {seen[key]!r} and {name!r} both become {key!r} in environment variable names; rename one"
+            )
+        seen[key] = name
+        result[name] = key
+    return result
+
+
+def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple:
+    """``"pai,sagemaker"`` → ``("pai", "sagemaker")``; ``"none"`` → ``()``."""
+    parts = [p.strip().lower() for p in value.split(",") if p.strip()]
+    if parts == ["none"]:
+        return ()
+    for part in parts:
+        if part not in COMPAT_SETS:
+            raise ConfigError.at(source, None, f"unknown compat set {part!r}: use a comma list of {', '.join(COMPAT_SETS)} or none")
+    return tuple(dict.fromkeys(parts))
+
+
+def to_json(value: Any, sort_keys: bool = False) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+
+
+def env_value(value: Any) -> str:
+    """Strings as they are; ``None`` as empty; everything else compact JSON."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    return to_json(value)
+
+
+def cmd_value(value: Any) -> str:
+    """One argv element: strings as they are, everything else JSON (``true``, ``[1,2]``, ``null``)."""
+    return value if isinstance(value, str) else to_json(value)
+
+
+def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list:
+    """``--name value`` per hyperparameter, in the file's order; each value one argv element."""
+    args: list = []
+    for name, value in hyperparameters.items():
+        args.append(f"--{name}")
+        args.append(cmd_value(value))
+    return args
+
+
+def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str]) -> dict:
+    """The ``SM_*`` names AWS's toolkit writes (its ``Environment.to_env_vars``)."""
+    rc = dict(env.resource_config or {})
+    groups = [g for g in rc.get("instance_groups") or [] if isinstance(g, dict)]
+    group_names = [g.get("instance_group_name") for g in groups]
+    current_group = rc.get("current_group_name")
+    groups_dict = {g.get("instance_group_name"): g for g in groups}
+    current_group_hosts = list((groups_dict.get(current_group) or {}).get("hosts") or [])
+    distributed_flags = (
+        "sagemaker_mpi_enabled",
+        "sagemaker_parameter_server_enabled",
+        "sagemaker_distributed_dataparallel_enabled",
+        "sagemaker_pytorch_ddp_enabled",
+        "sagemaker_pytorch_xla_multi_worker_enabled",
+        "sagemaker_multi_worker_mirrored_strategy_enabled",
+        "sagemaker_torch_distributed_enabled",
+    )
+    fw = dict(env.framework_parameters)
+    dist_groups = fw.get("sagemaker_distribution_instance_groups")
+    if dist_groups is None:
+        dist_groups = [current_group] if current_group and any(fw.get(f) for f in distributed_flags) else []
+    if groups:
+        dist_hosts = [h for g in dist_groups for h in (groups_dict.get(g) or {}).get("hosts") or []]
+    else:
+        dist_hosts = list(env.hosts)
+    known = {
+        "sagemaker_program", "sagemaker_submit_directory", "sagemaker_enable_cloudwatch_metrics",
+        "sagemaker_region", "sagemaker_container_log_level", "sagemaker_job_name",
+        "default_user_module_name", "_tuning_objective_metric", "sagemaker_s3_output",
+    }
+    additional = {k: v for k, v in fw.items() if k not in known}
+    program = entry_point or fw.get("sagemaker_program") or ""
+    module_name = program[:-3] if program.endswith(".py") else program
+    output_data_dir = f"{env.output_dir}/data"
+    output_intermediate_dir = f"{env.output_dir}/intermediate"
+    hps = dict(env.hyperparameters)
+    training_env = {
+        "additional_framework_parameters": additional,
+        "channel_input_dirs": dict(env.channel_dirs),
+        "current_host": env.current_host,
+        "current_instance_group": current_group,
+        "current_instance_group_hosts": current_group_hosts,
+        "current_instance_type": rc.get("current_instance_type", "local"),
+        "distribution_hosts": dist_hosts,
+        "distribution_instance_groups": dist_groups,
+        "framework_module": None,
+        "hosts": list(env.hosts),
+        "hyperparameters": hps,
+        "input_config_dir": env.config_dir,
+        "input_data_config": dict(env.input_data_config),
+        "input_dir": env.input_dir,
+        "instance_groups": group_names,
+        "instance_groups_dict": groups_dict,
+        "is_hetero": len(groups) > 1,
+        "is_master": env.is_master,
+        "is_modelparallel_enabled": None,
+        "is_smddpmprun_installed": False,
+        "is_smddprun_installed": False,
+        "job_name": env.job_name,
+        "log_level": 20,
+        "master_hostname": dist_hosts[0] if dist_hosts else (env.hosts[0] if env.hosts else env.master_host),
+        "model_dir": env.model_dir,
+        "module_dir": env.code_dir,
+        "module_name": module_name,
+        "network_interface_name": rc.get("network_interface_name", env.network_interface or "eth0"),
+        "num_cpus": env.num_cpus,
+        "num_gpus": env.num_gpus,
+        "num_neurons": 0,
+        "output_data_dir": output_data_dir,
+        "output_dir": env.output_dir,
+        "output_intermediate_dir": output_intermediate_dir,
+        "resource_config": rc,
+        "topology": rc.get("topology") or [],
+        "user_entry_point": program,
+    }
+    out = {
+        "SM_HOSTS": list(env.hosts),
+        "SM_NETWORK_INTERFACE_NAME": training_env["network_interface_name"],
+        "SM_HPS": hps,
+        "SM_USER_ENTRY_POINT": program,
+        "SM_FRAMEWORK_PARAMS": additional,
+        "SM_RESOURCE_CONFIG": rc,
+        "SM_INPUT_DATA_CONFIG": dict(env.input_data_config),
+        "SM_OUTPUT_DATA_DIR": output_data_dir,
+        "SM_CHANNELS": list(env.channels),
+        "SM_CURRENT_HOST": env.current_host,
+        "SM_CURRENT_INSTANCE_TYPE": training_env["current_instance_type"],
+        "SM_CURRENT_INSTANCE_GROUP": current_group,
+        "SM_CURRENT_INSTANCE_GROUP_HOSTS": current_group_hosts,
+        "SM_INSTANCE_GROUPS": group_names,
+        "SM_INSTANCE_GROUPS_DICT": groups_dict,
+        "SM_DISTRIBUTION_INSTANCE_GROUPS": dist_groups,
+        "SM_IS_HETERO": training_env["is_hetero"],
+        "SM_MODULE_NAME": module_name,
+        "SM_LOG_LEVEL": 20,
+        "SM_FRAMEWORK_MODULE": None,
+        "SM_INPUT_DIR": env.input_dir,
+        "SM_INPUT_CONFIG_DIR": env.config_dir,
+        "SM_OUTPUT_DIR": env.output_dir,
+        "SM_NUM_CPUS": env.num_cpus,
+        "SM_NUM_GPUS": env.num_gpus,
+        "SM_NUM_NEURONS": 0,
+        "SM_MODEL_DIR": env.model_dir,
+        "SM_MODULE_DIR": env.code_dir,
+        "SM_TRAINING_ENV": training_env,
+        "SM_USER_ARGS": list(env.user_args),
+        "SM_OUTPUT_INTERMEDIATE_DIR": output_intermediate_dir,
+    }
+    if training_env["topology"]:
+        out["SM_TOPOLOGY"] = training_env["topology"]
+    for channel, key in normalized_names(env.channels, "channel").items():
+        out[f"SM_CHANNEL_{key}"] = env.channel_dirs[channel]
+    for name, key in normalized_names(hps, "hyperparameter").items():
+        out[f"SM_HP_{key}"] = hps[name]
+    return {name: env_value(value) for name, value in out.items()}
+
+
+def _pai_vars(env: "TrainingEnv") -> dict:
+    hps = env.hyperparameters
+    out = {
+        # PAI writes every value as a string (conventions §1.1, §5.3).
+        "PAI_HPS": to_json({k: env_value(v) for k, v in hps.items()}),
+        "PAI_USER_ARGS": " ".join(shlex.quote(arg) for arg in env.user_args),
+        "PAI_WORKING_DIR": env.code_dir,
+        "PAI_CONFIG_DIR": env.config_dir,
+    }
+    for name, key in normalized_names(hps, "hyperparameter").items():
+        out[f"PAI_HPS_{key}"] = env_value(hps[name])
+    for channel, key in normalized_names(env.channels, "channel").items():
+        out[f"PAI_INPUT_{key}"] = env.channel_dirs[channel]
+    for channel, key in normalized_names(env.output_dirs, "output channel").items():
+        out[f"PAI_OUTPUT_{key}"] = env.output_dirs[channel]
+    return out
+
+
+def _worker_addresses(env: "TrainingEnv") -> list:
+    return [f"{host}:{TF_CONFIG_PORT}" for host in env.hosts]
+
+
+def _vertex_vars(env: "TrainingEnv") -> dict:
+    out = {
+        "AIP_MODEL_DIR": env.model_dir,
+        "AIP_CHECKPOINT_DIR": env.checkpoint_dir,
+        "AIP_TENSORBOARD_LOG_DIR": env.tensorboard_dir,
+    }
+    for channel, name in (("train", "AIP_TRAINING_DATA_URI"), ("validation", "AIP_VALIDATION_DATA_URI"), ("test", "AIP_TEST_DATA_URI")):
+        if channel in env.channel_dirs:
+            out[name] = env.channel_dirs[channel]
+    if env.num_nodes > 1 and env.hosts:
+        workers = _worker_addresses(env)
+        pool = "workerpool0" if env.node_rank == 0 else "workerpool1"
+        out["CLUSTER_SPEC"] = to_json(
+            {
+                "cluster": {"workerpool0": workers[:1], "workerpool1": workers[1:]},
+                "task": {"type": pool, "index": 0 if env.node_rank == 0 else env.node_rank - 1},
+                "environment": "cloud",
+            }
+        )
+    return out
+
+
+def cluster_env_vars(env: "TrainingEnv", nproc_per_node: int, master_port: Optional[int]) -> dict:
+    """Node-level names for several nodes (torchrun, Kubeflow, TF); empty on one node."""
+    if env.num_nodes <= 1:
+        return {}
+    port = str(master_port or env.master_port or DEFAULT_MASTER_PORT)
+    out = {
+        "MASTER_ADDR": env.master_host,
+        "MASTER_PORT": port,
+        "NODE_RANK": str(env.node_rank),
+        "NNODES": str(env.num_nodes),
+        "NPROC_PER_NODE": str(nproc_per_node),
+        "PET_MASTER_ADDR": env.master_host,
+        "PET_MASTER_PORT": port,
+        "PET_NODE_RANK": str(env.node_rank),
+        "PET_NNODES": str(env.num_nodes),
+        "PET_NPROC_PER_NODE": str(nproc_per_node),
+    }
+    if env.hosts:
+        out["TF_CONFIG"] = to_json(
+            {"cluster": {"worker": _worker_addresses(env)}, "task": {"type": "worker", "index": env.node_rank}, "environment": "cloud"}
+        )
+    if env.network_interface:
+        out["NCCL_SOCKET_IFNAME"] = env.network_interface
+        out["GLOO_SOCKET_IFNAME"] = env.network_interface
+    return out
+
+
+def trainenv_vars(env: "TrainingEnv") -> dict:
+    hps = env.hyperparameters
+    out = {
+        "TRAINENV_BASE_DIR": env.base_dir,
+        "TRAINENV_HPS": to_json(dict(hps)),
+        "TRAINENV_USER_ARGS": to_json(list(env.user_args)),
+        "TRAINENV_CHANNELS": to_json(list(env.channels)),
+        "TRAINENV_MODEL_DIR": env.model_dir,
+        "TRAINENV_CHECKPOINT_DIR": env.checkpoint_dir,
+        "TRAINENV_OUTPUT_DIR": env.output_dir,
+        "TRAINENV_CODE_DIR": env.code_dir,
+        "TRAINENV_HOSTS": to_json(list(env.hosts)),
+        "TRAINENV_CURRENT_HOST": env.current_host,
+        "TRAINENV_MASTER_HOST": env.master_host,
+        "TRAINENV_NODE_RANK": str(env.node_rank),
+        "TRAINENV_NUM_NODES": str(env.num_nodes),
+        "TRAINENV_NUM_CPUS": str(env.num_cpus),
+        "TRAINENV_NUM_GPUS": str(env.num_gpus),
+    }
+    for name, key in normalized_names(hps, "hyperparameter").items():
+        out[f"TRAINENV_HP_{key}"] = env_value(hps[name])
+    for channel, key in normalized_names(env.channels, "channel").items():
+        out[f"TRAINENV_CHANNEL_{key}"] = env.channel_dirs[channel]
+    return out
+
+
+def fits(name: str, value: str) -> bool:
+    """Whether ``NAME=value`` stays within the per-variable cap (bytes, as the kernel counts)."""
+    size = len(name) + 1 + len(value)
+    if size <= MAX_VAR_BYTES // 4:  # fast path: even 4-byte UTF-8 characters fit
+        return True
+    return len(name) + 1 + len(value.encode("utf-8", "surrogateescape")) <= MAX_VAR_BYTES
+
+
+def cap_sizes(values: Mapping[str, str]) -> dict:
+    """Drop every variable over the cap; name the dropped ones in ``TRAINENV_OMITTED``."""
+    kept = {}
+    omitted = []
+    for name, value in values.items():
+        if fits(name, value):
+            kept[name] = value
+        else:
+            omitted.append(name)
+    if omitted:
+        kept[OMITTED_NAME] = to_json(omitted)
+        if not fits(OMITTED_NAME, kept[OMITTED_NAME]):
+            kept[OMITTED_NAME] = to_json(omitted[:100] + ["..."])
+    return kept
+
+
+def to_env_vars(
+    env: "TrainingEnv",
+    compat: Sequence[str] = DEFAULT_COMPAT,
+    *,
+    nproc_per_node: Optional[int] = None,
+    master_port: Optional[int] = None,
+    entry_point: Optional[str] = None,
+) -> dict:
+    """The snapshot as environment variables (see the module docstring for the name sets)."""
+    out = trainenv_vars(env)
+    if "pai" in compat:
+        out.update(_pai_vars(env))
+    if "sagemaker" in compat:
+        out.update(_sagemaker_vars(env, entry_point))
+    if "vertex" in compat:
+        out.update(_vertex_vars(env))
+    nproc = nproc_per_node or env.num_gpus or 1
+    out.update(cluster_env_vars(env, nproc, master_port))
+    return cap_sizes(out)

@@ -1,0 +1,184 @@
+"""``trainenv train``: the launch sequence, where every side effect of a launch happens.
+
+1. resolve the layout, read ``trainenv.yaml``, resolve the launch settings;
+2. build the snapshot (``TrainingEnv``) and the plan (``LaunchPlan``) — pure;
+3. ``--dry-run`` stops here and prints the plan;
+4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile;
+5. log a short, redacted start-up summary;
+6. install the requirements (``trainenv.install``);
+7. several nodes: wait for the peers (``trainenv.distributed``);
+8. run the plan under the supervisor (``trainenv.supervisor``);
+9. classify the outcome, write ``output/failure`` on failure, return the exit status.
+
+Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69); anything
+else is an ``InternalError`` (70) whose traceback goes to the log and the failure file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any, Mapping, Optional
+
+from trainenv.console import Console, console_for
+from trainenv.errors import TrainenvError
+from trainenv.layout import Layout
+from trainenv.outcome import FileState, Outcome, classify, failure_text, file_state, write_failure_file
+from trainenv.redact import secret_values
+
+
+def _human_bytes(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{count} B"
+
+
+def summary_lines(env: Any, plan: Any) -> list:
+    """The start-up summary: a few redacted lines, never the whole environment."""
+    gpus = ", ".join(f"{g['index']}:{g['name']}" for g in env.gpus) or "none"
+    channels = ", ".join(env.channels) or "none"
+    return [
+        f"job {env.job_name} on {env.current_host} (node {env.node_rank} of {env.num_nodes}, master {env.master_host}, from {env.cluster_source})",
+        f"resources: {env.num_cpus} CPUs, {_human_bytes(env.memory_bytes)} memory, GPUs: {gpus}",
+        f"channels: {channels}; model dir {env.model_dir}",
+        f"entry point ({plan.entry.kind}, {plan.settings.distribution}): {' '.join(plan.argv[:3])}{' ...' if len(plan.argv) > 3 else ''}",
+    ]
+
+
+class Launch:
+    """One ``trainenv train`` run; holds what the failure report needs."""
+
+    def __init__(self, flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
+        self.flags = dict(flags)
+        self.environ = environ
+        self.layout = Layout.resolve(environ)
+        self.secrets = secret_values(environ)
+        self.console: Console = console_for(environ, self.secrets)
+        self.failure_before: FileState = file_state(str(self.layout.failure_file))
+
+    def run(self, dry_run: bool = False) -> int:
+        try:
+            return self._sequence(dry_run)
+        except TrainenvError as exc:
+            return self._fail(Outcome(exc.exit_code, exc.category, str(exc), getattr(exc, "tail", "")))
+        except KeyboardInterrupt:
+            return self._fail(Outcome(130, "Signal", "trainenv was interrupted before the job started"))
+        except Exception as exc:  # noqa: BLE001 - the contract: any bug is an InternalError, 70
+            trace = traceback.format_exc()
+            self.console.error(trace.rstrip())
+            return self._fail(Outcome(70, "InternalError", f"trainenv failed: {type(exc).__name__}: {exc}", trace))
+
+    def _sequence(self, dry_run: bool) -> int:
+        from trainenv import config
+        from trainenv.environment import build_training_env
+        from trainenv.plan import build_plan
+        from trainenv.settings import resolve_settings
+
+        file_settings, settings_path = config.read_settings_file(self.layout.settings_files)
+        settings = resolve_settings(self.flags, self.environ, file_settings, settings_path or "trainenv.yaml")
+        env = build_training_env(self.environ, layout=self.layout, settings=file_settings)
+        plan = build_plan(env, settings, self.environ)
+        if dry_run:
+            sys.stdout.write(plan.describe() + "\n")
+            return 0
+        self._prepare(plan)
+        for line in summary_lines(env, plan):
+            self.console.info(line)
+        if settings.install:
+            self._install(plan)
+        if plan.peers:
+            from trainenv.distributed import wait_for_peers
+
+            wait_for_peers(plan.peers, settings.peer_timeout_seconds, self.console)
+        return self._supervise(plan)
+
+    def _prepare(self, plan: Any) -> None:
+        for directory in plan.dirs_to_create:
+            os.makedirs(directory, exist_ok=True)
+        _write_private(plan.env_file, plan.snapshot_json)
+        if plan.hostfile and plan.hostfile_text is not None:
+            _write_private(plan.hostfile, plan.hostfile_text)
+
+    def _install(self, plan: Any) -> None:
+        if not plan.requirements_file and not plan.settings.requirements:
+            return
+        from pathlib import Path
+
+        from trainenv.install import InstallRequest, install_requirements
+
+        request = InstallRequest(
+            python=plan.install_python,
+            requirements_file=Path(plan.requirements_file) if plan.requirements_file else None,
+            extra_requirements=tuple(plan.settings.requirements),
+            cwd=Path(plan.cwd),
+            env=plan.env,
+        )
+        result = install_requirements(request, self.console.info)
+        if result.installer == "skipped":
+            self.console.info("requirements already installed in this container: skipped")
+
+    def _supervise(self, plan: Any) -> int:
+        from trainenv.resources import oom_kill_count
+        from trainenv.supervisor import Supervisor, become_subreaper
+
+        become_subreaper()
+        supervisor = Supervisor(
+            plan.argv,
+            plan.env,
+            plan.cwd,
+            grace_seconds=plan.settings.grace_seconds,
+            max_run_seconds=plan.settings.max_run_seconds,
+            log_prefix=plan.log_prefix,
+            debug=self.console.debug,
+            info=self.console.info,
+            oom_count=oom_kill_count,
+        )
+        result = supervisor.run()
+        what = f"{plan.entry.kind} {os.path.basename(plan.entry.target) if plan.entry.kind != 'command' else 'command'}"
+        if result.exec_error:
+            outcome = Outcome(result.exit_code, "UserError", result.exec_error)
+        else:
+            outcome = classify(
+                what=what,
+                exit_code=result.exit_code,
+                signal_number=result.signal_number,
+                stderr_tail=result.stderr_tail,
+                timed_out=result.timed_out,
+                stopped_by=result.stopped_by,
+                oom_killed=result.oom_killed,
+            )
+        if not outcome.failed:
+            self.console.info(f"{outcome.reason} in {result.seconds:.1f} s")
+            return 0
+        return self._fail(outcome)
+
+    def _fail(self, outcome: Outcome) -> int:
+        self.console.error(f"{outcome.category}: {outcome.reason}")
+        try:
+            written = write_failure_file(
+                str(self.layout.failure_file), failure_text(outcome, self.secrets), self.failure_before
+            )
+            if not written:
+                self.console.info(f"kept the failure file the job wrote: {self.layout.failure_file}")
+        except OSError as exc:
+            self.console.error(f"cannot write the failure file {self.layout.failure_file}: {exc.strerror}")
+        return outcome.exit_code
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write a file only this user can read (the snapshot may hold secrets), atomically."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def run_training(flags: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None, dry_run: bool = False) -> int:
+    """``trainenv train``: returns the exit status (see ``trainenv.outcome``)."""
+    return Launch(flags, os.environ if environ is None else environ).run(dry_run)

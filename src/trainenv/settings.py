@@ -1,0 +1,209 @@
+"""Launch settings: one table, resolved flag → ``TRAINENV_*`` variable → ``trainenv.yaml`` → default.
+
+Each row of ``SETTINGS`` is one setting: its name (also its key in ``trainenv.yaml``), its
+``trainenv train`` flag, its variable, how to parse it, its default and its help. The CLI
+options, the variable lookups, ``--help`` and the README table all come from this table.
+``resolve_settings`` returns a frozen ``LaunchSettings``; a bad value is a ``ConfigError``
+naming where it came from (the flag, the variable or the file and key) and the value.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+from trainenv.errors import ConfigError, shown
+
+DISTRIBUTIONS = ("none", "torchrun", "mpi")
+RDZV_BACKENDS = ("static", "c10d")
+# Keys of trainenv.yaml that are not launch settings but cluster facts (trainenv.cluster).
+CLUSTER_KEYS = ("hosts", "current_host")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _number(kind: type, minimum: float, maximum: Optional[float] = None) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            number = kind(str(value).strip())
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+        if number != number or number < minimum or (maximum is not None and number > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}")
+        return number
+
+    return parse
+
+
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _compat(value: Any) -> tuple:
+    from trainenv.naming import parse_compat
+
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return parse_compat(str(value), source="compat")
+
+
+def _words(value: Any) -> tuple:
+    """A list, or a string split like a shell would (``"a==1 'b>2'"``)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    try:
+        return tuple(shlex.split(str(value)))
+    except ValueError as exc:
+        raise ValueError(f"cannot split: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    flag: str
+    variable: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+    choices: Tuple[str, ...] = ()
+
+
+SETTINGS: Tuple[Setting, ...] = (
+    Setting("entry_point", "--entry-point", "TRAINENV_ENTRY_POINT", _text, None,
+            "What to run: train.py, '-m pkg.mod', run.sh, or an executable in the code dir or on PATH; hyperparameters are appended as arguments.", "ENTRY"),
+    Setting("command", "--command", "TRAINENV_COMMAND", _text, None,
+            "A shell command run by /bin/sh -c in the code dir (PAI style); hyperparameters are not appended.", "CMD"),
+    Setting("distribution", "--distribution", "TRAINENV_DISTRIBUTION", _choice(DISTRIBUTIONS), "none",
+            "none: one process per node; torchrun: python -m torch.distributed.run on every node; mpi: mpirun from node 0.", "KIND", DISTRIBUTIONS),
+    Setting("nproc_per_node", "--nproc-per-node", "TRAINENV_NPROC_PER_NODE", _number(int, 1, 4096), None,
+            "Processes per node (torchrun, mpi). Default: the platform's value, else GPUs on this node, else 1.", "N"),
+    Setting("max_run_seconds", "--max-run-seconds", "TRAINENV_MAX_RUN_SECONDS", _number(float, 0.001), None,
+            "Stop the job after this many seconds (SIGTERM, grace, SIGKILL) and exit 124.", "SECONDS"),
+    Setting("grace_seconds", "--grace-seconds", "TRAINENV_GRACE_SECONDS", _number(float, 0), 30.0,
+            "Seconds between SIGTERM and SIGKILL when the job is stopped.", "SECONDS"),
+    Setting("compat", "--compat", "TRAINENV_COMPAT", _compat, ("pai",),
+            "Extra variable sets to export: comma list of pai, sagemaker, vertex, or none.", "SETS"),
+    Setting("requirements", "--requirements", "TRAINENV_REQUIREMENTS", _words, (),
+            "Extra requirement specifiers installed after usercode/requirements.txt (space separated).", "SPECS"),
+    Setting("install", "--install/--no-install", "TRAINENV_INSTALL", _boolean, True,
+            "Install requirements before the entry point starts.", "BOOL"),
+    Setting("python", "--python", "TRAINENV_PYTHON", _text, None,
+            "Interpreter for Python entry points and for installing requirements (default: the one running trainenv).", "PATH"),
+    Setting("log_prefix", "--log-prefix/--no-log-prefix", "TRAINENV_LOG_PREFIX", _boolean, False,
+            "Prefix every line of the job's output with [host:rank].", "BOOL"),
+    Setting("master_port", "--master-port", "TRAINENV_MASTER_PORT", _number(int, 1, 65535), None,
+            "Port of the rendezvous on node 0 (default: the platform's MASTER_PORT, else 29500).", "PORT"),
+    Setting("rdzv_backend", "--rdzv-backend", "TRAINENV_RDZV_BACKEND", _choice(RDZV_BACKENDS), "static",
+            "torchrun rendezvous: static (fixed ranks) or c10d.", "KIND", RDZV_BACKENDS),
+    Setting("max_restarts", "--max-restarts", "TRAINENV_MAX_RESTARTS", _number(int, 0, 1000), 0,
+            "torchrun: restarts of the worker group before the job fails.", "N"),
+    Setting("peer_timeout_seconds", "--peer-timeout-seconds", "TRAINENV_PEER_TIMEOUT_SECONDS", _number(float, 0), 600.0,
+            "Several nodes: how long to wait for the master (and, for mpi, every host) to accept connections.", "SECONDS"),
+    Setting("mpi_rsh_agent", "--mpi-rsh-agent", "TRAINENV_MPI_RSH_AGENT", _text, "ssh",
+            "mpi: the remote shell Open MPI starts its daemons with (plm_rsh_agent).", "CMD"),
+    Setting("mpi_options", "--mpi-options", "TRAINENV_MPI_OPTIONS", _words, (),
+            "mpi: extra mpirun arguments (binding, interface flags), split like a shell would.", "ARGS"),
+)
+
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """The resolved launch settings, and where each came from (for --dry-run and errors)."""
+
+    entry_point: Optional[str] = None
+    command: Optional[str] = None
+    distribution: str = "none"
+    nproc_per_node: Optional[int] = None
+    max_run_seconds: Optional[float] = None
+    grace_seconds: float = 30.0
+    compat: Tuple[str, ...] = ("pai",)
+    requirements: Tuple[str, ...] = ()
+    install: bool = True
+    python: Optional[str] = None
+    log_prefix: bool = False
+    master_port: Optional[int] = None
+    rdzv_backend: str = "static"
+    max_restarts: int = 0
+    peer_timeout_seconds: float = 600.0
+    mpi_rsh_agent: str = "ssh"
+    mpi_options: Tuple[str, ...] = ()
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def interpreter(self) -> str:
+        return self.python or sys.executable
+
+
+def _file_key(file_settings: Mapping[str, Any], name: str) -> Optional[str]:
+    for key in (name, name.replace("_", "-")):
+        if key in file_settings:
+            return key
+    return None
+
+
+def resolve_settings(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_settings: Mapping[str, Any],
+    file_source: object = "trainenv.yaml",
+) -> LaunchSettings:
+    """Each setting from the first of: flag, variable, ``trainenv.yaml``, default."""
+    known = set(SETTINGS_BY_NAME) | {n.replace("_", "-") for n in SETTINGS_BY_NAME} | set(CLUSTER_KEYS)
+    for key in file_settings:
+        if key not in known:
+            raise ConfigError.at(file_source, key, f"unknown setting; known settings: {', '.join(SETTINGS_BY_NAME)}")
+    values: dict = {}
+    sources: dict = {}
+    for setting in SETTINGS:
+        key = _file_key(file_settings, setting.name)
+        if flags.get(setting.name) is not None:
+            raw, where = flags[setting.name], (f"option {setting.flag.split('/')[0]}", None)
+        elif environ.get(setting.variable, "") != "":
+            raw, where = environ[setting.variable], (setting.variable, None)
+        elif key is not None and file_settings[key] is not None:
+            raw, where = file_settings[key], (file_source, key)
+        else:
+            values[setting.name] = setting.default
+            sources[setting.name] = "default"
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ConfigError as exc:
+            raise ConfigError.at(where[0], where[1], f"{shown(raw)}: {str(exc).split(': ', 1)[-1]}") from None
+        except ValueError as exc:
+            raise ConfigError.at(where[0], where[1], f"{shown(raw)}: {exc}") from None
+        sources[setting.name] = where[0] if where[1] is None else f"{where[0]}: {where[1]}"
+    if values["entry_point"] and values["command"]:
+        raise ConfigError(
+            f"both an entry point ({sources['entry_point']}) and a command ({sources['command']}) are set; use one"
+        )
+    return LaunchSettings(**values, sources=sources)

@@ -1,0 +1,368 @@
+"""The supervisor: run one job process the way a good PID 1 does.
+
+The contract, in one sentence: start the job in its own process group, pass its output
+through, forward signals to the whole group, reap every child that dies, and return the job's
+own exit status once the main process is gone.
+
+**The loop.** Signal handlers do nothing themselves: Python's C-level handler writes the
+signal number to a wakeup pipe (``signal.set_wakeup_fd``). One loop waits on a selector over
+that pipe and the job's stderr (and stdout, with line prefixes), then each tick:
+
+1. dispatches every signal read from the pipe: ``SIGTERM``/``SIGINT`` → ``stop``; ``SIGHUP``,
+   ``SIGQUIT``, ``SIGUSR1``, ``SIGUSR2`` → forwarded to the job's group; ``SIGCHLD`` → wake up;
+2. copies what the job wrote, unchanged (no re-chunking), keeping the last 64 KiB of stderr;
+3. reaps with ``waitpid(-1, WNOHANG)`` until nothing is left; only the main process's status
+   counts, orphans re-parented to us (as PID 1 or as a child subreaper) are reaped and logged
+   at debug;
+4. checks the deadlines: the time limit (``max_run_seconds``) calls ``stop``; the end of the
+   grace period sends ``SIGKILL`` to the group.
+
+**Stopping** is one path: ``stop`` sends the signal (``SIGTERM`` for the time limit) to the
+job's group and starts the grace period; a second ``SIGTERM``/``SIGINT`` cuts it short.
+When the main process exits, whatever is left of its group gets ``SIGTERM``, at most 2 s (or
+the grace, if shorter), then ``SIGKILL``, so no stray worker outlives the job.
+
+**Exit status:** the main process's own, or 128+N when it died of signal N (shell
+convention); 127/126 when it could not be executed. The job sees no trace of the
+supervisor: default signal dispositions, the plan's environment, its own session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Sequence
+
+TAIL_BYTES = 64 * 1024
+READ_SIZE = 64 * 1024
+LEFTOVER_GRACE = 2.0
+TICK = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FORWARD_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    signal_number: Optional[int]
+    timed_out: bool
+    stopped_by: Optional[int]
+    oom_killed: bool
+    stderr_tail: str
+    seconds: float
+    exec_error: Optional[str] = None
+
+
+def become_subreaper() -> bool:
+    """Adopt the job's orphans when we are not PID 1 (Linux); returns whether it worked."""
+    if os.getpid() == 1:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """Write everything to ``fd``; False once the reader is gone (the job keeps running)."""
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        except OSError:
+            return False
+        view = view[written:]
+    return True
+
+
+class _Stream:
+    """One of the job's output pipes, copied to one of ours."""
+
+    def __init__(self, fd: int, target: int, prefix: Optional[bytes], keep_tail: bool) -> None:
+        self.fd = fd
+        self.target = target
+        self.prefix = prefix
+        self.keep_tail = keep_tail
+        self.tail = bytearray()
+        self.partial = b""
+        self.target_open = True
+
+    def pump(self) -> bool:
+        """Read once and pass it on; False at end of file."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return True
+        if not data:
+            if self.prefix and self.partial:
+                self._emit(self.prefix + self.partial + b"\n")
+                self.partial = b""
+            return False
+        if self.keep_tail:
+            self.tail += data
+            if len(self.tail) > 2 * TAIL_BYTES:
+                del self.tail[:-TAIL_BYTES]
+        if self.prefix is None:
+            self._emit(data)
+        else:
+            lines = (self.partial + data).split(b"\n")
+            self.partial = lines.pop()
+            if lines:
+                self._emit(b"".join(self.prefix + line + b"\n" for line in lines))
+        return True
+
+    def _emit(self, data: bytes) -> None:
+        if self.target_open:
+            self.target_open = _write_all(self.target, data)
+
+    def tail_text(self) -> str:
+        return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
+
+
+class Supervisor:
+    """Runs one job process to completion; see the module docstring."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str,
+        *,
+        grace_seconds: float = 30.0,
+        max_run_seconds: Optional[float] = None,
+        log_prefix: Optional[str] = None,
+        debug: Callable[[str], None] = lambda _: None,
+        info: Callable[[str], None] = lambda _: None,
+        oom_count: Callable[[], Optional[int]] = lambda: None,
+    ) -> None:
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.cwd = cwd
+        self.grace_seconds = grace_seconds
+        self.max_run_seconds = max_run_seconds
+        self.prefix = log_prefix.encode() if log_prefix else None
+        self.debug = debug
+        self.info = info
+        self.oom_count = oom_count
+        self.process: Optional[subprocess.Popen] = None
+        self.main_status: Optional[int] = None
+        self.stopped_by: Optional[int] = None
+        self.timed_out = False
+        self.kill_at: Optional[float] = None
+        self.deadline: Optional[float] = None
+        self.streams: dict = {}
+        self.selector = selectors.DefaultSelector()
+
+    # -- signals -----------------------------------------------------------------------
+
+    def _install_signals(self) -> tuple:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        previous = {}
+        for number in STOP_SIGNALS + FORWARD_SIGNALS + (signal.SIGCHLD,):
+            previous[number] = signal.signal(number, _enqueue_only)
+        return read_fd, write_fd, previous_fd, previous
+
+    def _restore_signals(self, installed: tuple) -> None:
+        read_fd, write_fd, previous_fd, previous = installed
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+
+    def handle_signal(self, number: int) -> None:
+        if number == signal.SIGCHLD:
+            return  # reaping happens every tick
+        if number in STOP_SIGNALS:
+            self.stop(number)
+        else:
+            self.info(f"forwarding {signal.Signals(number).name} to the job")
+            self._signal_group(number)
+
+    def stop(self, number: int, timed_out: bool = False) -> None:
+        """Signal the job's group and start the grace period; a repeat stops it at once."""
+        if self.main_status is not None:
+            return
+        now = time.monotonic()
+        if self.kill_at is not None:
+            if number in STOP_SIGNALS and not timed_out:
+                self.info(f"second {signal.Signals(number).name}: killing the job now")
+                self.kill_at = now
+            return
+        self.timed_out = timed_out
+        self.stopped_by = None if timed_out else number
+        why = "time limit reached" if timed_out else f"received {signal.Signals(number).name}"
+        self.info(f"{why}: sending {signal.Signals(number).name} to the job, SIGKILL in {self.grace_seconds:g} s")
+        self._signal_group(number)
+        self.kill_at = now + self.grace_seconds
+
+    def _signal_group(self, number: int) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, number)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.debug("cannot signal the job's process group (permission denied)")
+
+    # -- reaping -------------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """``waitpid(-1, WNOHANG)`` until nothing is left; keep the main process's status."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+            if pid == 0:
+                return
+            if self.process is not None and pid == self.process.pid:
+                self.main_status = status
+                self.process.returncode = 0  # tell Popen not to wait for it again
+            else:
+                self.debug(f"reaped orphan {pid}")
+
+    # -- output --------------------------------------------------------------------------
+
+    def _pump(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            if key.data == "wakeup":
+                try:
+                    data = os.read(key.fd, 512)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                for number in data:
+                    self.handle_signal(number)
+            else:
+                stream: _Stream = key.data
+                if not stream.pump():
+                    self.selector.unregister(stream.fd)
+                    os.close(stream.fd)
+
+    def _timeout(self, now: float) -> float:
+        candidates = [TICK]
+        for moment in (self.deadline, self.kill_at):
+            if moment is not None:
+                candidates.append(max(0.0, moment - now))
+        return min(candidates)
+
+    # -- the run -------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        stdout = subprocess.PIPE if self.prefix else None
+        options: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, cwd=self.cwd, stdout=stdout, stderr=subprocess.PIPE, **options
+        )
+        pipes = [(self.process.stderr, 2, True)]
+        if self.process.stdout is not None:
+            pipes.append((self.process.stdout, 1, False))
+        for pipe, target, keep_tail in pipes:
+            fd = os.dup(pipe.fileno())
+            pipe.close()
+            os.set_blocking(fd, False)
+            stream = _Stream(fd, target, self.prefix, keep_tail)
+            self.streams[target] = stream
+            self.selector.register(fd, selectors.EVENT_READ, stream)
+        self.process.stdout = self.process.stderr = None
+
+    def run(self) -> RunResult:
+        started = time.monotonic()
+        installed = self._install_signals()
+        self.selector.register(installed[0], selectors.EVENT_READ, "wakeup")
+        oom_before = self.oom_count()
+        try:
+            try:
+                self._spawn()
+            except OSError as exc:
+                code = 127 if exc.errno == errno.ENOENT else 126
+                return RunResult(code, None, False, None, False, "", 0.0, exec_error=f"cannot execute {self.argv[0]!r}: {exc.strerror}")
+            if self.max_run_seconds:
+                self.deadline = started + self.max_run_seconds
+            while self.main_status is None:
+                now = time.monotonic()
+                if self.deadline is not None and now >= self.deadline and self.kill_at is None:
+                    self.stop(signal.SIGTERM, timed_out=True)
+                if self.kill_at is not None and now >= self.kill_at:
+                    self.info("grace period over: sending SIGKILL to the job")
+                    self._signal_group(signal.SIGKILL)
+                    self.kill_at = now + self.grace_seconds + TICK
+                self._pump(self._timeout(time.monotonic()))
+                self.reap()
+            self._end_leftovers()
+            self._drain()
+        finally:
+            self._restore_signals(installed)
+            self.selector.close()
+        from trainenv.outcome import decode_wait_status
+
+        assert self.main_status is not None
+        code, number = decode_wait_status(self.main_status)
+        oom_after = self.oom_count()
+        oom = number == signal.SIGKILL and None not in (oom_before, oom_after) and oom_after > oom_before
+        tail = self.streams[2].tail_text() if 2 in self.streams else ""
+        return RunResult(code, number, self.timed_out, self.stopped_by, bool(oom), tail, time.monotonic() - started)
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.process.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    def _end_leftovers(self) -> None:
+        """The main process is gone: stop what is left of its group, then reap it."""
+        if not self._group_alive():
+            return
+        self.debug("the job's main process exited; stopping the rest of its process group")
+        self._signal_group(signal.SIGTERM)
+        until = time.monotonic() + min(LEFTOVER_GRACE, self.grace_seconds)
+        while self._group_alive() and time.monotonic() < until:
+            self._pump(0.05)
+            self.reap()
+        if self._group_alive():
+            self._signal_group(signal.SIGKILL)
+        for _ in range(50):
+            self.reap()
+            if not self._group_alive():
+                break
+            time.sleep(0.01)
+
+    def _drain(self) -> None:
+        """Copy what is still in the pipes; stop when they close or go quiet."""
+        quiet_until = time.monotonic() + 1.0
+        while any(isinstance(k.data, _Stream) for k in self.selector.get_map().values()):
+            if time.monotonic() > quiet_until:
+                break
+            self._pump(0.05)
+        for key in list(self.selector.get_map().values()):
+            if isinstance(key.data, _Stream):
+                self.selector.unregister(key.fd)
+                os.close(key.fd)
+
+
+def _enqueue_only(signum: int, frame: object) -> None:
+    """The Python-level handler: nothing. The C handler already queued the number."""
