@@ -34,7 +34,7 @@ from typing import Mapping, Optional, Tuple
 
 from trainenv.environment import TrainingEnv
 from trainenv.errors import ConfigError, shown
-from trainenv.redact import redact_value
+from trainenv.redact import redact_text, redact_value, secret_values
 from trainenv.settings import LaunchSettings
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
@@ -68,13 +68,14 @@ class LaunchPlan:
     hostfile_text: Optional[str] = None
     peers: Tuple[Tuple[str, int], ...] = ()
     exported: Tuple[str, ...] = field(default=(), compare=False)
+    secrets: Tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def describe(self) -> str:
         """A readable, redacted view of the plan (``trainenv train --dry-run``)."""
         lines = [
             f"entry point   {self.entry.kind}: {self.entry.target}  ({self.entry.source})",
             f"distribution  {self.settings.distribution}",
-            f"argv          {json.dumps([redact_value('', a) for a in self.argv], ensure_ascii=False)}",
+            f"argv          {json.dumps(list(self.argv), ensure_ascii=False)}",
             f"cwd           {self.cwd}",
             f"env file      {self.env_file}",
             f"requirements  {self.requirements_file or '(none)'}"
@@ -88,7 +89,7 @@ class LaunchPlan:
         lines.append("environment (set by trainenv):")
         for name in self.exported:
             lines.append(f"  {name}={redact_value(name, self.env.get(name, ''))}")
-        return "\n".join(lines)
+        return redact_text("\n".join(lines), self.secrets)
 
 
 def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> EntryPoint:
@@ -224,4 +225,14 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         hostfile_text=hostfile_text,
         peers=peers,
         exported=tuple(sorted(set(exported) | set(extra) | {"PYTHONPATH", "PYTHONUNBUFFERED"})),
+        secrets=plan_secrets(env, environ),
     )
+
+
+def plan_secrets(env: TrainingEnv, environ: Mapping[str, str]) -> Tuple[str, ...]:
+    """Values to scrub from anything printed: secret-named variables and hyperparameters."""
+    from trainenv.naming import env_value
+
+    named = dict(environ)
+    named.update({f"hp:{k}": env_value(v) for k, v in env.hyperparameters.items()})
+    return tuple(secret_values(named))

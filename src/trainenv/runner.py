@@ -82,6 +82,8 @@ class Launch:
         settings = resolve_settings(self.flags, self.environ, file_settings, settings_path or "trainenv.yaml")
         env = build_training_env(self.environ, layout=self.layout, settings=file_settings)
         plan = build_plan(env, settings, self.environ)
+        self.secrets = list(plan.secrets)
+        self.console.secrets = plan.secrets
         if dry_run:
             sys.stdout.write(plan.describe() + "\n")
             return 0
@@ -138,7 +140,7 @@ class Launch:
             oom_count=oom_kill_count,
         )
         result = supervisor.run()
-        what = f"{plan.entry.kind} {os.path.basename(plan.entry.target) if plan.entry.kind != 'command' else 'command'}"
+        what = "the command" if plan.entry.kind == "command" else f"{plan.entry.kind} {os.path.basename(plan.entry.target)}"
         if result.exec_error:
             outcome = Outcome(result.exit_code, "UserError", result.exec_error)
         else:
