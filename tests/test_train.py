@@ -364,3 +364,37 @@ def test_sigterm_to_pid_1_launcher_reaches_the_job(tmp_path):
     launcher.communicate(timeout=30)
     assert launcher.returncode == 0
     assert (base / "output" / "checkpoints" / "ckpt").read_text().count("block") == 10
+
+
+def test_requirements_are_installed_before_the_entry_point(tmp_path):
+    from fixtures_wheels import build_wheel
+
+    wheels = tmp_path / "wheels"
+    build_wheel(wheels, "trainenv_e2e_dep", "1.0")
+    target = tmp_path / "target-venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
+    python = str(target / "bin" / "python")
+    script = "import trainenv_e2e_dep, sys\nprint('dep ok', sys.executable)\n"
+    base = make_tree(tmp_path / "job", {"train.py": script})
+    (base / "usercode" / "requirements.txt").write_text(f"--no-index\n--find-links {wheels}\ntrainenv_e2e_dep==1.0\n")
+    marker = tmp_path / "markers"
+    done = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_PYTHON=python, TRAINENV_INSTALLER="uv",
+                     TMPDIR=str(marker), PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    if done.returncode != 0 and b"uv" in done.stderr and b"not found" in done.stderr:
+        pytest.skip("uv is not installed")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().strip() == f"dep ok {python}"
+    again = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_PYTHON=python, TRAINENV_INSTALLER="uv",
+                      TMPDIR=str(marker), PYTHONPATH=str(Path(__file__).parent.parent / "src"))
+    assert again.returncode == 0 and b"skipped" in again.stderr
+
+
+def test_failed_install_exits_69_before_the_entry_point(tmp_path):
+    base = make_tree(tmp_path, {"train.py": "open('ran', 'w')\n"})
+    (base / "usercode" / "requirements.txt").write_text("./no-such-package-1.0-py3-none-any.whl\n")
+    done = run_train(base, TRAINENV_ENTRY_POINT="train.py", TMPDIR=str(tmp_path / "markers"), timeout=120)
+    assert done.returncode == 69
+    text = failure(base)
+    assert text.startswith("InstallError: requirements install failed")
+    assert "no-such-package" in text
+    assert not (base / "usercode" / "ran").exists()

@@ -52,10 +52,14 @@ class ConfigError(TrainenvError, ValueError):
 
 
 class InstallError(TrainenvError):
-    """Installing the job's requirements failed."""
+    """Installing the job's requirements failed; ``tail`` is the installer's redacted output tail."""
 
     category = "InstallError"
     exit_code = EXIT_INSTALL
+
+    def __init__(self, message: str, tail: str = "") -> None:
+        super().__init__(message)
+        self.tail = tail
 
 
 class InternalError(TrainenvError):
