@@ -55,7 +55,7 @@ class TrainingEnv(SnapshotMapping):
     current_host: str
     master_host: str
     master_port: Optional[int]
-    node_rank: int
+    node_rank: Optional[int]  # None until an elastic rendezvous assigns it
     num_nodes: int
     is_master: bool
     network_interface: Optional[str]
@@ -143,8 +143,9 @@ def build_training_env(
     from trainenv.naming import normalized_names, to_cmd_args
 
     layout = layout or Layout.resolve(environ)
+    settings_path = None
     if settings is None:
-        settings, _ = config.read_settings_file(layout.settings_files)
+        settings, settings_path = config.read_settings_file(layout.settings_files)
     hyperparameters, framework_parameters = config.read_hyperparameters(layout.hyperparameters_file)
     input_data_config = config.read_input_data_config(layout.inputdataconfig_file)
     channels = list(input_data_config)
@@ -157,6 +158,7 @@ def build_training_env(
         resource_config=resource_config,
         resource_config_source=str(layout.resourceconfig_file),
         settings=settings,
+        settings_source=str(settings_path or layout.settings_files[0]),
         hostname=hostname or os.uname().nodename,
     )
     cpus, memory, gpus = probe_hardware(environ, root)

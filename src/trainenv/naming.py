@@ -263,7 +263,7 @@ def _vertex_vars(env: "TrainingEnv") -> dict:
     for channel, name in (("train", "AIP_TRAINING_DATA_URI"), ("validation", "AIP_VALIDATION_DATA_URI"), ("test", "AIP_TEST_DATA_URI")):
         if channel in env.channel_dirs:
             out[name] = env.channel_dirs[channel]
-    if env.num_nodes > 1 and env.hosts:
+    if env.num_nodes > 1 and env.hosts and env.node_rank is not None:
         workers = _worker_addresses(env)
         pool = "workerpool0" if env.node_rank == 0 else "workerpool1"
         out["CLUSTER_SPEC"] = to_json(
@@ -293,6 +293,10 @@ def cluster_env_vars(env: "TrainingEnv", nproc_per_node: int, master_port: Optio
         "PET_NNODES": str(env.num_nodes),
         "PET_NPROC_PER_NODE": str(nproc_per_node),
     }
+    if env.node_rank is None:  # elastic: the rendezvous assigns ranks, so none is exported
+        for name in ("NODE_RANK", "PET_NODE_RANK"):
+            del out[name]
+        return out
     if env.hosts:
         out["TF_CONFIG"] = to_json(
             {"cluster": {"worker": _worker_addresses(env)}, "task": {"type": "worker", "index": env.node_rank}, "environment": "cloud"}
@@ -317,11 +321,12 @@ def trainenv_vars(env: "TrainingEnv") -> dict:
         "TRAINENV_HOSTS": to_json(list(env.hosts)),
         "TRAINENV_CURRENT_HOST": env.current_host,
         "TRAINENV_MASTER_HOST": env.master_host,
-        "TRAINENV_NODE_RANK": str(env.node_rank),
         "TRAINENV_NUM_NODES": str(env.num_nodes),
         "TRAINENV_NUM_CPUS": str(env.num_cpus),
         "TRAINENV_NUM_GPUS": str(env.num_gpus),
     }
+    if env.node_rank is not None:
+        out["TRAINENV_NODE_RANK"] = str(env.node_rank)
     for name, key in normalized_names(hps, "hyperparameter").items():
         out[f"TRAINENV_HP_{key}"] = env_value(hps[name])
     for channel, key in normalized_names(env.channels, "channel").items():

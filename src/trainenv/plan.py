@@ -190,7 +190,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     extra = {"TRAINENV_ENV_FILE": env_file}
     hostfile = hostfile_text = None
     peers: Tuple[Tuple[str, int], ...] = ()
-    if env.num_nodes > 1 and settings.distribution == "none":
+    if env.num_nodes > 1 and settings.distribution == "none" and env.node_rank is not None:
         # One process per node: the process-level names equal the node-level ones.
         extra.update(
             RANK=str(env.node_rank),
@@ -206,7 +206,8 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         argv, hostfile, hostfile_text, peers = launch.argv, launch.hostfile, launch.hostfile_text, launch.peers
         extra.update(launch.env)
     child_env = child_environment(environ, exported, env.code_dir, extra)
-    prefix = f"[{env.current_host}:{env.node_rank}] " if settings.log_prefix else None
+    rank = "?" if env.node_rank is None else env.node_rank
+    prefix = f"[{env.current_host}:{rank}] " if settings.log_prefix else None
     requirements = Path(env.code_dir) / "requirements.txt"
     return LaunchPlan(
         argv=tuple(argv),

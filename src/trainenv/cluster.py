@@ -1,0 +1,652 @@
+"""Who the nodes are: the job's cluster, read from whatever the platform provides (CONTRACT §2).
+
+::
+
+    cluster = discover_cluster(os.environ, resource_config=rc, resource_config_source=path,
+                               settings=yaml_settings, hostname=socket.gethostname())
+    cluster.hosts, cluster.current_host, cluster.node_rank, cluster.num_nodes, cluster.master_addr
+
+``discover_cluster`` is pure: it reads the mappings it is given and nothing else, and never
+writes to any of them (a platform value is never overwritten). A *node* is one container
+(a pod, an instance); the processes inside a node are the launcher's business.
+
+Sources, first match wins
+-------------------------
+
+=================  ==========================================  ===========================  ====================
+``source``         matches when                                ``hosts``                    ``node_rank``
+=================  ==========================================  ===========================  ====================
+``trainenv``       ``TRAINENV_HOSTS`` (JSON list), else        that list                    index of the current
+                   ``hosts`` in the settings (trainenv.yaml)                                host in it
+``resourceconfig`` ``resource_config`` is given (SageMaker)    ``hosts``                    index of
+                                                                                            ``current_host``
+``TF_CONFIG``      ``TF_CONFIG`` names a cluster               chief, master, worker        position of the task
+``CLUSTER_SPEC``   ``CLUSTER_SPEC`` (Vertex AI)                workerpool0, workerpool1     position of the task
+``PET``            ``PET_NNODES`` or ``PET_NODE_RANK``         ``()``                       ``PET_NODE_RANK``
+                   (Kubeflow, torchrun's env twins)
+``MASTER_ADDR``    ``MASTER_ADDR``, ``RANK`` and               ``()``                       ``RANK`` (node-level)
+                   ``WORLD_SIZE`` all set (PAI DLC, KF v1)
+``single``         nothing above                               ``(hostname,)``              0
+=================  ==========================================  ===========================  ====================
+
+``master_addr`` is ``hosts[0]`` when there is a host list, else the platform's master address.
+``current_host`` is the host the source names for this node, else ``hostname``. An empty or
+blank variable counts as unset everywhere.
+
+Host names: an entry ``host:port`` (or ``[v6addr]:port``) keeps only the host; a bare IPv6
+address is kept as is. A host name is a non-empty string without whitespace.
+
+Rules worth knowing
+-------------------
+
+* **trainenv.** ``TRAINENV_HOSTS`` beats ``hosts`` in the settings, ``TRAINENV_CURRENT_HOST``
+  beats ``current_host`` in the settings, and both beat ``hostname``. ``TRAINENV_HOSTS=[]`` is
+  what trainenv itself exports when the platform names no hosts (the rank-only sources), so
+  an empty list *there* means "no list" and discovery moves on; an empty ``hosts`` in the
+  settings is an error.
+* **resourceconfig.** SageMaker's ``resourceconfig.json``: ``current_host``, ``hosts`` and
+  ``network_interface_name``. ``instance_groups`` and ``current_group_name`` are tolerated;
+  when ``hosts`` is missing, the hosts of every instance group, in order, are the node list.
+* **TF_CONFIG.** The nodes are the ``chief``, ``master`` and ``worker`` lists, in that order;
+  ``task.index`` counts within its type, so worker 1 after one chief is node 2. ``ps`` and
+  ``evaluator`` tasks are not training nodes and never shift a training node's rank: such a
+  task sees a one-node cluster of its own (``hosts=(its host,)``, rank 0), and its TF code
+  keeps reading the untouched ``TF_CONFIG``. An ``evaluator`` task absent from ``cluster``
+  (TF keeps evaluators out of it), a ``cluster`` that is missing or ``{}``, and Kubeflow's
+  sparse form for dynamic workers (``sparseCluster``, or a job given as an ``{index: address}``
+  map) name only the task itself, not the nodes: discovery moves on to the next source. The
+  ports in ``TF_CONFIG`` are TensorFlow's gRPC ports (2222 by default), not torch's
+  rendezvous port, so they never become ``master_port``. Tasks may share a host (TF's
+  local multi-worker form, ``localhost:2222``/``localhost:2223``): then no host name tells
+  the nodes apart, so ``hosts`` is ``()`` and only the ranks are known, as for the
+  rank-only sources (a host list, when there is one, never repeats a name). The same entry
+  twice is an error.
+* **CLUSTER_SPEC.** Vertex's pools: ``workerpool0`` is the chief (node 0), ``workerpool1``
+  the workers; ``workerpool2`` (parameter or Reduction servers) and ``workerpool3``
+  (evaluators) are support tasks, treated like TF's ``ps``/``evaluator``. Keeping them out of
+  ``num_nodes`` is what lets a PyTorch job with a Reduction Server pool rendezvous.
+* **PET.** ``PET_NNODES`` is ``N`` or ``MIN:MAX`` (elastic); ``num_nodes`` is ``N``, or
+  ``MAX``, the most nodes the job may reach. ``node_rank`` is ``PET_NODE_RANK``. Without it,
+  when the size is elastic or ``PET_RDZV_BACKEND`` is not static (Kubeflow's worker-only
+  elastic jobs), the rendezvous assigns ranks at run time and ``node_rank`` is ``None``:
+  the only case that leaves it unknown (a static rendezvous of several nodes without it is
+  an error). ``master_addr`` is ``PET_MASTER_ADDR``, else the host of
+  ``PET_RDZV_ENDPOINT``, else ``MASTER_ADDR``, else (one node) ``hostname``.
+* **MASTER_ADDR + RANK + WORLD_SIZE** are node-level on PAI DLC and Kubeflow v1, with two
+  exceptions. Inside a torchrun worker (``GROUP_RANK`` and ``GROUP_WORLD_SIZE`` set) they are
+  process-level, so the node values come from ``GROUP_RANK``/``GROUP_WORLD_SIZE`` and
+  ``LOCAL_WORLD_SIZE``. Kubeflow v1 with an integer ``nprocPerNode`` *n* > 1 sets
+  ``WORLD_SIZE`` = pods × *n* but ``RANK`` = pod index; its marker is ``PET_NPROC_PER_NODE``,
+  so when that is an integer *n* > 1 dividing ``WORLD_SIZE``, the node count is
+  ``WORLD_SIZE / n`` (Kubeflow also sets ``PET_NNODES``/``PET_NODE_RANK``, so this only
+  matters when those were removed). PAI's ``NPROC_PER_NODE`` never scales ``WORLD_SIZE``
+  (PAI documents ``WORLD_SIZE`` as the number of nodes).
+* **master_port** is the torch rendezvous port the environment already names: for the PET
+  source ``PET_MASTER_PORT`` then ``MASTER_PORT``, for every other source ``MASTER_PORT``
+  then ``PET_MASTER_PORT``; else ``None`` (the launcher picks its default).
+* **nproc_per_node** is ``PET_NPROC_PER_NODE`` then ``NPROC_PER_NODE`` (the first that is
+  set; ``LOCAL_WORLD_SIZE`` inside a torchrun worker); torchrun's keywords ``auto``, ``gpu``,
+  ``cpu``, ``xpu`` mean "not said": ``None``.
+* **network_interface** comes only from resourceconfig's ``network_interface_name``.
+
+Errors
+------
+
+Bad input raises :class:`~trainenv.errors.ConfigError` with one line naming the source (a
+variable, a file), the key and the value: unparsable JSON, a wrong shape, a non-string or
+blank host, an empty or duplicated host list, a current host not in the list, an unknown
+task type, an index out of range, a non-integer or negative rank, ``RANK >= WORLD_SIZE``, a
+port outside 1-65535. Malformed input never surfaces as any other exception.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+from trainenv.errors import ConfigError, shown
+from trainenv.redact import redact_urls
+from trainenv.snapshot import SnapshotMapping
+
+__all__ = ["Cluster", "discover_cluster", "SOURCES"]
+
+SOURCES = ("trainenv", "resourceconfig", "TF_CONFIG", "CLUSTER_SPEC", "PET", "MASTER_ADDR", "single")
+
+_TF_TRAINING = ("chief", "master", "worker")
+_TF_SUPPORT = ("ps", "evaluator")
+_VERTEX_TRAINING = ("workerpool0", "workerpool1")
+_VERTEX_SUPPORT = ("workerpool2", "workerpool3")
+_NPROC_KEYWORDS = ("auto", "gpu", "cpu", "xpu")
+_STATIC_RDZV = ("", "static")
+_DIGITS = re.compile(r"[0-9]+")
+_MAX_PORT = 65535
+_MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
+
+
+@dataclass(frozen=True)
+class Cluster(SnapshotMapping):
+    """The nodes of the job and this node's place among them (a read-only mapping)."""
+
+    hosts: Tuple[str, ...]
+    current_host: str
+    node_rank: Optional[int]
+    num_nodes: int
+    master_addr: str
+    master_port: Optional[int]
+    network_interface: Optional[str]
+    nproc_per_node: Optional[int]
+    source: str
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.source not in SOURCES:
+            problems.append(f"source {self.source!r} is not one of {SOURCES}")
+        if self.num_nodes < 1:
+            problems.append(f"num_nodes {self.num_nodes} < 1")
+        rank_ok = self.node_rank is None or 0 <= self.node_rank < self.num_nodes
+        if not rank_ok:
+            problems.append(f"node_rank {self.node_rank} not in [0, {self.num_nodes})")
+        if self.hosts:
+            if len(self.hosts) != self.num_nodes:
+                problems.append(f"{len(self.hosts)} hosts for {self.num_nodes} nodes")
+            elif not rank_ok or self.node_rank is None or self.hosts[self.node_rank] != self.current_host:
+                problems.append(f"current_host {self.current_host!r} is not hosts[node_rank]")
+            if len(set(self.hosts)) != len(self.hosts):
+                problems.append("a host is listed twice")
+            if self.master_addr != self.hosts[0]:
+                problems.append(f"master_addr {self.master_addr!r} is not hosts[0]")
+        if problems:
+            raise ValueError("invalid Cluster: " + "; ".join(problems))
+
+    @property
+    def is_master(self) -> bool:
+        """True on node 0 (the node that runs ``mpirun`` and hosts the rendezvous)."""
+        return self.node_rank == 0
+
+
+def discover_cluster(
+    environ: Mapping[str, str],
+    *,
+    resource_config: Mapping[str, Any] | None,
+    resource_config_source: str,
+    settings: Mapping[str, Any] | None,
+    hostname: str,
+    settings_source: str = "trainenv.yaml",
+) -> Cluster:
+    """The cluster from the first source that names one (see the module docstring).
+
+    ``resource_config`` is the parsed ``resourceconfig.json`` (``None`` when absent) and
+    ``resource_config_source`` its path, used in error messages; likewise ``settings`` (the
+    launch settings from ``trainenv.yaml``) and ``settings_source``. ``hostname`` is this
+    machine's host name (``socket.gethostname()``).
+    """
+    if not isinstance(hostname, str) or not _is_host_name(hostname):
+        raise ConfigError.at("hostname", None, f"{_show(hostname)} is not a usable host name")
+    readers: Sequence[Callable[[], Optional[Cluster]]] = (
+        lambda: _from_trainenv(environ, settings, settings_source, hostname),
+        lambda: _from_resource_config(environ, resource_config, resource_config_source),
+        lambda: _from_task_cluster(environ, "TF_CONFIG", _TF_TRAINING, _TF_SUPPORT),
+        lambda: _from_task_cluster(environ, "CLUSTER_SPEC", _VERTEX_TRAINING, _VERTEX_SUPPORT),
+        lambda: _from_pet(environ, hostname),
+        lambda: _from_master_addr(environ, hostname),
+    )
+    for read in readers:
+        cluster = read()
+        if cluster is not None:
+            return cluster
+    return Cluster(
+        hosts=(hostname,),
+        current_host=hostname,
+        node_rank=0,
+        num_nodes=1,
+        master_addr=hostname,
+        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        network_interface=None,
+        nproc_per_node=_nproc_per_node(environ),
+        source="single",
+    )
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def _from_trainenv(
+    environ: Mapping[str, str],
+    settings: Mapping[str, Any] | None,
+    settings_source: str,
+    hostname: str,
+) -> Optional[Cluster]:
+    settings = {} if settings is None else settings
+    if not isinstance(settings, Mapping):
+        raise ConfigError.at(settings_source, None, f"{_show(settings)} is not a mapping of settings")
+    hosts: Optional[Tuple[str, ...]] = None
+    hosts_from = ""
+    raw = _var(environ, "TRAINENV_HOSTS")
+    if raw is not None:
+        value = _load_json(raw, "TRAINENV_HOSTS")
+        if not isinstance(value, list):
+            raise ConfigError.at(
+                "TRAINENV_HOSTS", None, f"{_show(raw)} is not a JSON list of host names"
+            )
+        if value:
+            hosts = _host_list(value, "TRAINENV_HOSTS", None)
+            hosts_from = "TRAINENV_HOSTS"
+    if hosts is None and settings.get("hosts") is not None:
+        hosts = _host_list(settings["hosts"], settings_source, "hosts")
+        hosts_from = f"{settings_source}: hosts"
+    if hosts is None:
+        return None
+    _no_duplicates(hosts, hosts_from, None)
+
+    current = _var(environ, "TRAINENV_CURRENT_HOST")
+    where: tuple = ("TRAINENV_CURRENT_HOST", None)
+    if current is None and settings.get("current_host") is not None:
+        current = settings["current_host"]
+        where = (settings_source, "current_host")
+    if current is None:
+        current = hostname
+        where = ("hostname", None)
+    current = _host_name(current, *where)
+    if current not in hosts:
+        hint = "; set TRAINENV_CURRENT_HOST" if where[0] == "hostname" else ""
+        raise ConfigError.at(
+            where[0], where[1], f"{_show(current)} is not in {hosts_from} {_show(list(hosts))}{hint}"
+        )
+    return Cluster(
+        hosts=hosts,
+        current_host=current,
+        node_rank=hosts.index(current),
+        num_nodes=len(hosts),
+        master_addr=hosts[0],
+        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        network_interface=None,
+        nproc_per_node=_nproc_per_node(environ),
+        source="trainenv",
+    )
+
+
+def _from_resource_config(
+    environ: Mapping[str, str], config: Mapping[str, Any] | None, source: str
+) -> Optional[Cluster]:
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raise ConfigError.at(source, None, f"{_show(config)} is not a JSON object")
+    if "hosts" in config:
+        hosts = _host_list(config["hosts"], source, "hosts")
+    elif config.get("instance_groups") is not None:
+        hosts = _instance_group_hosts(config["instance_groups"], source)
+    else:
+        raise ConfigError.at(source, "hosts", "missing (and no instance_groups to take it from)")
+    _no_duplicates(hosts, source, "hosts")
+    if config.get("current_host") is None:
+        raise ConfigError.at(source, "current_host", "missing")
+    current = _host_name(config["current_host"], source, "current_host")
+    if current not in hosts:
+        raise ConfigError.at(
+            source, "current_host", f"{_show(current)} is not in hosts {_show(list(hosts))}"
+        )
+    nic = config.get("network_interface_name")
+    if nic is not None and not (isinstance(nic, str) and _is_host_name(nic)):
+        raise ConfigError.at(
+            source, "network_interface_name", f"{_show(nic)} is not an interface name"
+        )
+    return Cluster(
+        hosts=hosts,
+        current_host=current,
+        node_rank=hosts.index(current),
+        num_nodes=len(hosts),
+        master_addr=hosts[0],
+        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        network_interface=nic,
+        nproc_per_node=_nproc_per_node(environ),
+        source="resourceconfig",
+    )
+
+
+def _instance_group_hosts(groups: Any, source: str) -> Tuple[str, ...]:
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError.at(source, "instance_groups", f"{_show(groups)} is not a list of groups")
+    hosts: list = []
+    for i, group in enumerate(groups):
+        key = f"instance_groups[{i}].hosts"
+        if not isinstance(group, Mapping) or "hosts" not in group:
+            raise ConfigError.at(source, f"instance_groups[{i}]", f"{_show(group)} has no hosts")
+        hosts.extend(_host_list(group["hosts"], source, key))
+    return tuple(hosts)
+
+
+def _from_task_cluster(
+    environ: Mapping[str, str],
+    name: str,
+    training: Tuple[str, ...],
+    support: Tuple[str, ...],
+) -> Optional[Cluster]:
+    """TF_CONFIG and Vertex's CLUSTER_SPEC: ``{"cluster": {type: [addr]}, "task": {type, index}}``."""
+    raw = _var(environ, name)
+    if raw is None:
+        return None
+    config = _load_json(raw, name)
+    if not isinstance(config, dict):
+        raise ConfigError.at(name, None, f"{_show(raw)} is not a JSON object")
+    cluster = config.get("cluster")
+    if cluster is None or cluster == {}:
+        if config.get("sparseCluster") is not None:
+            _check_sparse(config["sparseCluster"], name, "sparseCluster")
+            _task(config, name, training + support)
+        return None  # names no cluster: TF reads it the same way (local)
+    if not isinstance(cluster, dict):
+        raise ConfigError.at(name, "cluster", f"{_show(cluster)} is not a JSON object")
+    task_type, index = _task(config, name, training + support)
+
+    lists: dict = {}
+    sparse = False
+    for job in training + support:
+        if job not in cluster:
+            continue
+        entries = cluster[job]
+        if isinstance(entries, dict):
+            _check_sparse({job: entries}, name, "cluster")
+            sparse = True
+            continue
+        if not isinstance(entries, list):
+            raise ConfigError.at(
+                name, f"cluster.{job}", f"{_show(entries)} is not a list of host:port entries"
+            )
+        for i, entry in enumerate(entries):
+            _host_of_entry(entry, name, f"cluster.{job}[{i}]")
+        lists[job] = entries
+    if sparse:
+        return None  # Kubeflow's sparse form for dynamic workers: names only this task
+
+    if training[0] == "workerpool0" and "workerpool0" not in lists:
+        raise ConfigError.at(name, "cluster.workerpool0", "missing (the chief's pool)")
+    if task_type not in lists:
+        if task_type == "evaluator":
+            return None  # TF keeps evaluators out of the cluster: no place among the nodes
+        raise ConfigError.at(
+            name, "task.type", f"{_show(task_type)} has no list in cluster {_show(sorted(cluster))}"
+        )
+    if index >= len(lists[task_type]):
+        raise ConfigError.at(
+            name,
+            "task.index",
+            f"{index} is out of range: cluster.{task_type} has {len(lists[task_type])} entries",
+        )
+    all_entries = [entry for job in training + support for entry in lists.get(job, [])]
+    _no_duplicates(all_entries, name, "cluster")
+
+    own_host = _host_of_entry(lists[task_type][index], name, f"cluster.{task_type}[{index}]")
+    if task_type in support:
+        nodes: Tuple[str, ...] = (own_host,)
+        rank = 0
+    else:
+        nodes = tuple(
+            _host_of_entry(entry, name, "cluster") for job in training for entry in lists.get(job, [])
+        )
+        rank = sum(len(lists.get(job, [])) for job in training[: training.index(task_type)]) + index
+    # Nodes sharing a host cannot be told apart by host name: no host list then, ranks only.
+    hosts = nodes if len(set(nodes)) == len(nodes) else ()
+    return Cluster(
+        hosts=hosts,
+        current_host=own_host,
+        node_rank=rank,
+        num_nodes=len(nodes),
+        master_addr=nodes[0],
+        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        network_interface=None,
+        nproc_per_node=_nproc_per_node(environ),
+        source=name,
+    )
+
+
+def _task(config: Mapping[str, Any], name: str, known: Tuple[str, ...]) -> Tuple[str, int]:
+    task = config.get("task")
+    if not isinstance(task, dict):
+        raise ConfigError.at(name, "task", f"{_show(task)} is not a JSON object with type and index")
+    task_type = task.get("type")
+    if not isinstance(task_type, str) or task_type not in known:
+        raise ConfigError.at(
+            name, "task.type", f"{_show(task_type)} is not a known task type {_show(list(known))}"
+        )
+    index = task.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ConfigError.at(name, "task.index", f"{_show(index)} is not a non-negative integer")
+    return task_type, index
+
+
+def _check_sparse(sparse: Any, name: str, key: str) -> None:
+    """Validate Kubeflow's sparse cluster: ``{"worker": {"1": addr}, "ps": [addr]}``."""
+    if not isinstance(sparse, dict):
+        raise ConfigError.at(name, key, f"{_show(sparse)} is not a JSON object")
+    for job, entries in sparse.items():
+        where = f"{key}.{job}"
+        if isinstance(entries, dict):
+            for index, entry in entries.items():
+                if not _DIGITS.fullmatch(index):
+                    raise ConfigError.at(name, where, f"{_show(index)} is not a task index")
+                _host_of_entry(entry, name, f"{where}.{index}")
+        elif isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                _host_of_entry(entry, name, f"{where}[{i}]")
+        else:
+            raise ConfigError.at(name, where, f"{_show(entries)} is not a list or an index map")
+
+
+def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
+    nnodes_raw = _var(environ, "PET_NNODES")
+    rank_raw = _var(environ, "PET_NODE_RANK")
+    if nnodes_raw is None and rank_raw is None:
+        return None
+    if nnodes_raw is None:
+        raise ConfigError.at("PET_NNODES", None, "is not set, but PET_NODE_RANK is")
+    low, num_nodes = _nnodes(nnodes_raw)
+    backend = (_var(environ, "PET_RDZV_BACKEND") or "").lower()
+    rank: Optional[int]
+    if rank_raw is not None:
+        rank = _non_negative_int(rank_raw, "PET_NODE_RANK")
+        if rank >= num_nodes:
+            raise ConfigError.at(
+                "PET_NODE_RANK", None, f"{rank} is not below PET_NNODES={nnodes_raw}"
+            )
+    elif num_nodes == 1:
+        rank = 0
+    elif low != num_nodes or backend not in _STATIC_RDZV:
+        rank = None  # elastic / dynamic rendezvous: ranks are assigned at run time
+    else:
+        raise ConfigError.at(
+            "PET_NODE_RANK", None, f"is not set; PET_NNODES={nnodes_raw} with a static rendezvous needs it"
+        )
+
+    master = _var(environ, "PET_MASTER_ADDR")
+    if master is not None:
+        master = _host_name(master, "PET_MASTER_ADDR", None)
+    elif _var(environ, "PET_RDZV_ENDPOINT") is not None:
+        master = _host_of_entry(environ["PET_RDZV_ENDPOINT"].strip(), "PET_RDZV_ENDPOINT", None)
+    elif _var(environ, "MASTER_ADDR") is not None:
+        master = _host_name(environ["MASTER_ADDR"].strip(), "MASTER_ADDR", None)
+    elif num_nodes == 1:
+        master = hostname
+    else:
+        raise ConfigError.at(
+            "PET_MASTER_ADDR", None, f"is not set (nor PET_RDZV_ENDPOINT, MASTER_ADDR) for {num_nodes} nodes"
+        )
+    return Cluster(
+        hosts=(),
+        current_host=hostname,
+        node_rank=rank,
+        num_nodes=num_nodes,
+        master_addr=master,
+        master_port=_master_port(environ, ("PET_MASTER_PORT", "MASTER_PORT")),
+        network_interface=None,
+        nproc_per_node=_nproc_per_node(environ),
+        source="PET",
+    )
+
+
+def _nnodes(raw: str) -> Tuple[int, int]:
+    """``N`` -> (N, N); ``MIN:MAX`` -> (MIN, MAX)."""
+    parts = raw.split(":")
+    if len(parts) > 2 or not all(_DIGITS.fullmatch(p.strip()) for p in parts):
+        raise ConfigError.at("PET_NNODES", None, f"{_show(raw)} is not N or MIN:MAX")
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1 or high < low:
+        raise ConfigError.at("PET_NNODES", None, f"{_show(raw)} needs 1 <= MIN <= MAX")
+    return low, high
+
+
+def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
+    addr, rank_raw, size_raw = (_var(environ, k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
+    if addr is None or rank_raw is None or size_raw is None:
+        return None
+    master = _host_name(addr, "MASTER_ADDR", None)
+    world = _non_negative_int(size_raw, "WORLD_SIZE")
+    if world < 1:
+        raise ConfigError.at("WORLD_SIZE", None, f"{world} is not a positive integer")
+    rank = _non_negative_int(rank_raw, "RANK")
+    if rank >= world:
+        raise ConfigError.at("RANK", None, f"{rank} is not below WORLD_SIZE={world}")
+    nproc = _nproc_per_node(environ)
+
+    group_rank, group_size = _var(environ, "GROUP_RANK"), _var(environ, "GROUP_WORLD_SIZE")
+    if group_rank is not None and group_size is not None:
+        # Inside a torchrun worker: RANK/WORLD_SIZE count processes, GROUP_* count nodes.
+        num_nodes = _non_negative_int(group_size, "GROUP_WORLD_SIZE")
+        node_rank = _non_negative_int(group_rank, "GROUP_RANK")
+        if not 0 <= node_rank < num_nodes:
+            raise ConfigError.at(
+                "GROUP_RANK", None, f"{node_rank} is not below GROUP_WORLD_SIZE={num_nodes}"
+            )
+        local = _var(environ, "LOCAL_WORLD_SIZE")
+        if local is not None:
+            nproc = _non_negative_int(local, "LOCAL_WORLD_SIZE") or None
+    else:
+        num_nodes, node_rank = world, rank
+        kubeflow_nproc = _nproc_per_node(environ, ("PET_NPROC_PER_NODE",))
+        if kubeflow_nproc is not None and kubeflow_nproc > 1 and world % kubeflow_nproc == 0:
+            # Kubeflow v1: WORLD_SIZE = pods x nprocPerNode, RANK = pod index.
+            num_nodes = world // kubeflow_nproc
+            if rank >= num_nodes:
+                raise ConfigError.at(
+                    "RANK",
+                    None,
+                    f"{rank} is not below WORLD_SIZE/PET_NPROC_PER_NODE = {world}/{kubeflow_nproc}",
+                )
+    return Cluster(
+        hosts=(),
+        current_host=hostname,
+        node_rank=node_rank,
+        num_nodes=num_nodes,
+        master_addr=master,
+        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        network_interface=None,
+        nproc_per_node=nproc,
+        source="MASTER_ADDR",
+    )
+
+
+# -- values ----------------------------------------------------------------------------------
+
+
+def _var(environ: Mapping[str, str], name: str) -> Optional[str]:
+    """The variable's value stripped, or ``None`` when unset or blank."""
+    value = environ.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _show(value: Any) -> str:
+    """A short repr for an error message, with URL credentials hidden."""
+    if isinstance(value, str):
+        return shown(redact_urls(value))
+    text = repr(value)
+    clean = redact_urls(text)
+    return shown(value) if clean == text else shown(clean)
+
+
+def _load_json(text: str, source: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ConfigError.at(source, None, f"{_show(text)} is not valid JSON ({reason})") from None
+
+
+def _non_negative_int(raw: str, name: str) -> int:
+    if not _DIGITS.fullmatch(raw) or len(raw) > _MAX_DIGITS:
+        raise ConfigError.at(name, None, f"{_show(raw)} is not a non-negative integer")
+    return int(raw)
+
+
+def _master_port(environ: Mapping[str, str], names: Tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        raw = _var(environ, name)
+        if raw is not None:
+            port = int(raw) if _DIGITS.fullmatch(raw) and len(raw) <= 5 else 0
+            if not 1 <= port <= _MAX_PORT:
+                raise ConfigError.at(name, None, f"{_show(raw)} is not a port (1-{_MAX_PORT})")
+            return port
+    return None
+
+
+def _nproc_per_node(
+    environ: Mapping[str, str], names: Tuple[str, ...] = ("PET_NPROC_PER_NODE", "NPROC_PER_NODE")
+) -> Optional[int]:
+    for name in names:
+        raw = _var(environ, name)
+        if raw is None:
+            continue
+        if raw.lower() in _NPROC_KEYWORDS:
+            return None
+        count = _non_negative_int(raw, name)
+        if count < 1:
+            raise ConfigError.at(name, None, f"{count} is not a positive process count")
+        return count
+    return None
+
+
+def _is_host_name(text: str) -> bool:
+    return bool(text) and not any(c.isspace() or c == "\0" for c in text)
+
+
+def _host_name(value: Any, source: str, key: Optional[str]) -> str:
+    if not isinstance(value, str) or not _is_host_name(value):
+        raise ConfigError.at(source, key, f"{_show(value)} is not a host name")
+    return value
+
+
+def _host_of_entry(value: Any, source: str, key: Optional[str]) -> str:
+    """``host``, ``host:port`` or ``[v6]:port`` -> host; a bare IPv6 address is kept."""
+    entry = _host_name(value, source, key)
+    if entry.startswith("["):
+        end = entry.find("]")
+        rest = entry[end + 1 :] if end > 1 else ""
+        if end <= 1 or (rest and not (rest[0] == ":" and _DIGITS.fullmatch(rest[1:]))):
+            raise ConfigError.at(source, key, f"{_show(entry)} is not [address]:port")
+        return entry[1:end]
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        if not host or not _DIGITS.fullmatch(port):
+            raise ConfigError.at(source, key, f"{_show(entry)} is not host:port")
+        return host
+    return entry
+
+
+def _host_list(value: Any, source: str, key: Optional[str]) -> Tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError.at(source, key, f"{_show(value)} is not a list of host names")
+    if not value:
+        raise ConfigError.at(source, key, "is an empty host list")
+    return tuple(_host_name(host, source, f"{key or ''}[{i}]") for i, host in enumerate(value))
+
+
+def _no_duplicates(items: Sequence[str], source: str, key: Optional[str]) -> None:
+    seen: set = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError.at(source, key, f"{_show(item)} is listed twice")
+        seen.add(item)
