@@ -21,17 +21,18 @@ import sys
 from typing import Any, Optional, Sequence
 
 
-def _redacted(value: Any, name: str = "") -> Any:
-    from trainenv.redact import is_secret_name, redact_urls
+def _redacted(value: Any, secrets: Sequence[str], name: str = "") -> Any:
+    """A copy with secret-named values masked and known secret values scrubbed from strings."""
+    from trainenv.redact import MASK, is_secret_name, redact_text
 
     if isinstance(value, dict):
-        return {k: _redacted(v, str(k)) for k, v in value.items()}
+        return {k: _redacted(v, secrets, str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_redacted(v, name) for v in value]
+        return [_redacted(v, secrets, name) for v in value]
     if name and is_secret_name(name) and value not in (None, ""):
-        return "***"
+        return MASK
     if isinstance(value, str):
-        return redact_urls(value)
+        return redact_text(value, secrets)
     return value
 
 
@@ -86,9 +87,16 @@ def build_cli() -> Any:
     def env_command(fmt: str, serving: bool) -> None:
         """Print the job's snapshot; secret-looking values are redacted."""
         from trainenv.environment import serving_env, training_env
+        from trainenv.redact import redact_text, secret_values
 
         try:
             snapshot = serving_env() if serving else training_env()
+            if serving:
+                secrets = secret_values(os.environ)
+            else:
+                from trainenv.plan import plan_secrets
+
+                secrets = plan_secrets(snapshot, os.environ)
             if fmt == "shell":
                 from trainenv.naming import env_value, normalize, parse_compat
 
@@ -96,20 +104,20 @@ def build_cli() -> Any:
                     variables = {f"TRAINENV_SERVING_{normalize(k)}": env_value(v) for k, v in snapshot.to_dict().items()}
                 else:
                     variables = snapshot.to_env_vars(parse_compat(os.environ.get("TRAINENV_COMPAT", "pai")))
-                click.echo(_shell_lines(variables), nl=False)
-                return
-            data = _redacted(snapshot.to_dict())
+                # Inside single quotes, a scrubbed value stays one safe word.
+                text = redact_text(_shell_lines(variables), secrets)
+            elif fmt == "yaml":
+                import yaml
+
+                text = yaml.safe_dump(_redacted(snapshot.to_dict(), secrets), sort_keys=False, allow_unicode=True)
+            else:
+                import json
+
+                text = json.dumps(_redacted(snapshot.to_dict(), secrets), indent=2, ensure_ascii=False) + "\n"
         except ConfigError as exc:
             click.echo(f"trainenv: ConfigError: {exc}", err=True)
             sys.exit(exc.exit_code)
-        if fmt == "yaml":
-            import yaml
-
-            click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), nl=False)
-        else:
-            import json
-
-            click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+        click.echo(text, nl=False)
 
     @cli.command()
     @click.option("--source-dir", type=click.Path(file_okay=False), help="Directory with the job's code (linked as usercode/).")

@@ -73,16 +73,52 @@ class _DuplicateKey(Exception):
     pass
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _not_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(path: object, text: str) -> Any:
-    """Parse JSON text; errors name the file with line and column. Duplicate keys are errors."""
+    """Parse strict JSON (no NaN/Infinity); errors name the file with line and column.
+
+    Duplicate keys, numbers out of float range and integers too long to convert are errors.
+    """
     try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_not_json_constant, parse_float=_finite_float
+        )
     except json.JSONDecodeError as exc:
         raise ConfigError.at(path, None, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except _DuplicateKey as exc:
         raise ConfigError.at(path, str(exc.args[0]), "key appears more than once") from None
     except RecursionError:
         raise ConfigError.at(path, None, "JSON nested too deeply") from None
+    except ValueError as exc:  # parse_float/parse_constant, and int()'s digit limit
+        raise ConfigError.at(path, None, f"invalid JSON value: {str(exc)[:80]}") from None
+
+
+def check_launchable(source: object, key: object, value: Any) -> None:
+    """Every string inside ``value`` must survive ``exec``: no NUL, valid UTF-8 (no lone surrogates)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ConfigError.at(source, shown(key), "contains a NUL character, which no argument or variable can carry")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError.at(source, shown(key), "contains an invalid Unicode character (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for inner_key, inner in value.items():
+            check_launchable(source, inner_key, inner_key)
+            check_launchable(source, inner_key, inner)
+    elif isinstance(value, list):
+        for inner in value:
+            check_launchable(source, key, inner)
 
 
 def read_json_object(path: Path) -> Optional[dict]:
@@ -96,15 +132,11 @@ def read_json_object(path: Path) -> Optional[dict]:
     return value
 
 
-def _not_json_constant(name: str) -> Any:
-    raise ValueError(name)
-
-
 def decode_hyperparameter(value: Any) -> Any:
     """PAI and SageMaker write every value as a string: ``"0.1"`` → 0.1, ``"[1,2]"`` → [1, 2].
 
     A string that parses as JSON is decoded (one level); any other string is kept as is.
-    ``"NaN"`` and ``"Infinity"`` stay strings, since they are not JSON.
+    ``"NaN"``, ``"Infinity"`` and ``"1e999"`` stay strings: they are not finite JSON numbers.
     """
     if not isinstance(value, str):
         return value
@@ -112,7 +144,7 @@ def decode_hyperparameter(value: Any) -> Any:
     if not text or text[0] not in '-0123456789tfn"[{':
         return value
     try:
-        return json.loads(text, parse_constant=_not_json_constant)
+        return json.loads(text, parse_constant=_not_json_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         return value
 
@@ -139,6 +171,7 @@ def read_hyperparameters(path: Path) -> Tuple[dict, dict]:
     platform: dict = {}
     for name, value in raw.items():
         check_hyperparameter_name(path, name)
+        check_launchable(path, name, value)
         target = platform if is_platform_hyperparameter(name) else user
         target[name] = decode_hyperparameter(value)
     return user, platform
@@ -165,12 +198,17 @@ def read_input_data_config(path: Path) -> dict:
         check_channel_name(path, name)
         if not isinstance(value, dict):
             raise ConfigError.at(path, name, f"must be a JSON object, got {type(value).__name__}")
+        check_launchable(path, name, value)
     return raw
 
 
 def read_resource_config(path: Path) -> Optional[dict]:
     """SageMaker's ``{current_host, hosts, network_interface_name, ...}``; ``None`` if absent."""
-    return read_json_object(path)
+    value = read_json_object(path)
+    if value is not None:
+        for key, inner in value.items():
+            check_launchable(path, key, inner)
+    return value
 
 
 def list_channel_dirs(data_dir: Path) -> list:
@@ -205,6 +243,9 @@ def read_settings_file(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
             raise ConfigError.at(path, None, f"invalid YAML{where}: {problem}") from None
         except RecursionError:
             raise ConfigError.at(path, None, "YAML nested too deeply") from None
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
+            # PyYAML's constructors raise these for values like `2020-13-45` or `!!bool maybe`.
+            raise ConfigError.at(path, None, f"invalid YAML value: {type(exc).__name__}: {str(exc)[:80]}") from None
         if value is None:
             return {}, path
         if not isinstance(value, dict):

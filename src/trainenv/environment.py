@@ -14,12 +14,11 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
-from trainenv.snapshot import SnapshotMapping
+from trainenv.snapshot import FrozenDict, SnapshotMapping
 
 ENV_FILE_VAR = "TRAINENV_ENV_FILE"
 DEFAULT_JOB_NAME = "trainenv-job"
@@ -78,19 +77,19 @@ class TrainingEnv(SnapshotMapping):
         return list(self.user_args)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingEnv":
+    def from_dict(cls, data: Mapping[str, Any], source: object = "snapshot") -> "TrainingEnv":
         """The inverse of ``to_dict()`` (used to load ``TRAINENV_ENV_FILE``)."""
         names = cls._field_names()
         missing = [n for n in names if n not in data]
         if missing:
-            raise ConfigError(f"snapshot is missing fields {missing[:5]}; was it written by another trainenv version?")
+            raise ConfigError.at(source, None, f"snapshot is missing fields {missing[:5]}; was it written by another trainenv version?")
         return cls(**{name: _freeze(data[name]) for name in names})
 
 
 def _freeze(value: Any) -> Any:
-    """Top-level dicts become read-only mappings and lists tuples; values inside stay JSON data."""
+    """Top-level dicts become read-only dicts and lists tuples; values inside stay JSON data."""
     if isinstance(value, dict):
-        return MappingProxyType(value)
+        return FrozenDict(value)
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value
@@ -106,7 +105,7 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, in
         from trainenv import resources
 
         gpus = tuple(
-            MappingProxyType(
+            FrozenDict(
                 {"index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes}
             )
             for g in resources.gpus(environ)
@@ -150,8 +149,8 @@ def build_training_env(
     input_data_config = config.read_input_data_config(layout.inputdataconfig_file)
     channels = list(input_data_config)
     channels += [c for c in config.list_channel_dirs(layout.data_dir) if c not in input_data_config]
-    normalized_names(hyperparameters, "hyperparameter")
-    normalized_names(channels, "channel")
+    normalized_names(hyperparameters, "hyperparameter", layout.hyperparameters_file)
+    normalized_names(channels, "channel", layout.data_dir)
     resource_config = config.read_resource_config(layout.resourceconfig_file)
     cluster = discover_cluster(
         environ,
@@ -173,13 +172,13 @@ def build_training_env(
         base_dir=str(layout.base_dir),
         local_mode=layout.local_mode,
         job_name=str(job_name),
-        hyperparameters=MappingProxyType(hyperparameters),
-        framework_parameters=MappingProxyType(framework_parameters),
+        hyperparameters=FrozenDict(hyperparameters),
+        framework_parameters=FrozenDict(framework_parameters),
         user_args=tuple(to_cmd_args(hyperparameters)),
         channels=tuple(channels),
-        channel_dirs=MappingProxyType({c: str(layout.channel_dir(c)) for c in channels}),
-        input_data_config=MappingProxyType(input_data_config),
-        output_dirs=MappingProxyType({c: str(layout.output_channel_dir(c)) for c in output_channels}),
+        channel_dirs=FrozenDict({c: str(layout.channel_dir(c)) for c in channels}),
+        input_data_config=FrozenDict(input_data_config),
+        output_dirs=FrozenDict({c: str(layout.output_channel_dir(c)) for c in output_channels}),
         code_dir=str(layout.code_dir),
         input_dir=str(layout.input_dir),
         config_dir=str(layout.config_dir),
@@ -203,7 +202,7 @@ def build_training_env(
         memory_bytes=memory,
         num_gpus=len(gpus),
         gpus=gpus,
-        resource_config=MappingProxyType(resource_config) if resource_config is not None else None,
+        resource_config=FrozenDict(resource_config) if resource_config is not None else None,
     )
 
 
@@ -219,7 +218,7 @@ def load_training_env(path: str) -> TrainingEnv:
     value = parse_json(path, decode_text(Path(path), data))
     if not isinstance(value, dict):
         raise ConfigError.at(path, None, "a snapshot file must hold a JSON object")
-    return TrainingEnv.from_dict(value)
+    return TrainingEnv.from_dict(value, source=path)
 
 
 def training_env(environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:

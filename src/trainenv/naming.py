@@ -28,8 +28,9 @@ argv. Name sets:
 ``<NAME>`` is the name upper-cased with every character outside ``[A-Z0-9_]`` replaced by
 ``_``; two names that normalize alike are a ``ConfigError``. Values: strings as they are,
 everything else compact JSON. No ``NAME=value`` is longer than 32 KiB: a longer one is left
-out (it stays in the snapshot file, ``TRAINENV_ENV_FILE``) and ``TRAINENV_OMITTED`` lists the
-names left out, so a job never fails with "Argument list too long".
+out (it stays in the snapshot file, ``TRAINENV_ENV_FILE``), and so are the largest ones when
+all together would pass the total budget (``cap_sizes``); ``TRAINENV_OMITTED`` lists the names
+left out, so a job never fails with "Argument list too long".
 
 Which of these the platform already set is the launcher's business: it never overwrites a
 name other than ``TRAINENV_*``.
@@ -48,6 +49,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainenv.environment import TrainingEnv
 
 MAX_VAR_BYTES = 32 * 1024
+# The kernel takes argv + environment up to a quarter of the stack limit (2 MiB with the usual
+# 8 MiB): the exported names get half of that by default, the rest is for argv and the
+# inherited environment (``plan`` passes the exact remainder).
+DEFAULT_TOTAL_BUDGET = 1024 * 1024
 COMPAT_SETS = ("pai", "sagemaker", "vertex")
 DEFAULT_COMPAT = ("pai",)
 DEFAULT_MASTER_PORT = 29500
@@ -62,15 +67,16 @@ def normalize(name: str) -> str:
     return _NOT_NAME.sub("_", name.upper())
 
 
-def normalized_names(names: Iterable[str], what: str) -> dict:
+def normalized_names(names: Iterable[str], what: str, source: object = None) -> dict:
     """``{name: NORMALIZED}``; a ConfigError when two names normalize to the same thing."""
     seen: dict = {}
     result: dict = {}
     for name in names:
         key = normalize(name)
         if key in seen:
+            where = f"{source}: " if source is not None else ""
             raise ConfigError(
-                f"{what} names {seen[key]!r} and {name!r} both become {key!r} in environment variable names; rename one"
+                f"{where}{what} names {seen[key]!r} and {name!r} both become {key!r} in environment variable names; rename one"
             )
         seen[key] = name
         result[name] = key
@@ -115,12 +121,32 @@ def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list:
     return args
 
 
+def _text(value: Any, source: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError.at(source, key, f"must be a string, got {type(value).__name__}")
+    return value
+
+
+def _texts(value: Any, source: str, key: str) -> list:
+    if not isinstance(value, list):
+        raise ConfigError.at(source, key, f"must be a list of strings, got {type(value).__name__}")
+    return [_text(item, source, key) for item in value]
+
+
 def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str]) -> dict:
     """The ``SM_*`` names AWS's toolkit writes (its ``Environment.to_env_vars``)."""
     rc = dict(env.resource_config or {})
-    groups = [g for g in rc.get("instance_groups") or [] if isinstance(g, dict)]
+    rc_source = f"{env.config_dir}/resourceconfig.json"
+    groups = rc.get("instance_groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ConfigError.at(rc_source, "instance_groups", "must be a list of objects")
+    for group in groups:
+        _text(group.get("instance_group_name"), rc_source, "instance_group_name")
+        _texts(group.get("hosts") or [], rc_source, "instance_groups.hosts")
     group_names = [g.get("instance_group_name") for g in groups]
     current_group = rc.get("current_group_name")
+    if current_group is not None:
+        _text(current_group, rc_source, "current_group_name")
     groups_dict = {g.get("instance_group_name"): g for g in groups}
     current_group_hosts = list((groups_dict.get(current_group) or {}).get("hosts") or [])
     distributed_flags = (
@@ -136,6 +162,7 @@ def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str]) -> dict:
     dist_groups = fw.get("sagemaker_distribution_instance_groups")
     if dist_groups is None:
         dist_groups = [current_group] if current_group and any(fw.get(f) for f in distributed_flags) else []
+    _texts(dist_groups, f"{env.config_dir}/hyperparameters.json", "sagemaker_distribution_instance_groups")
     if groups:
         dist_hosts = [h for g in dist_groups for h in (groups_dict.get(g) or {}).get("hosts") or []]
     else:
@@ -342,14 +369,29 @@ def fits(name: str, value: str) -> bool:
     return len(name) + 1 + len(value.encode("utf-8", "surrogateescape")) <= MAX_VAR_BYTES
 
 
-def cap_sizes(values: Mapping[str, str]) -> dict:
-    """Drop every variable over the cap; name the dropped ones in ``TRAINENV_OMITTED``."""
+def entry_bytes(name: str, value: str) -> int:
+    """What one variable costs the kernel: ``NAME=value``, its NUL and its pointer."""
+    return len(name) + len(value.encode("utf-8", "surrogateescape")) + 2 + 8
+
+
+def cap_sizes(values: Mapping[str, str], total_budget: int = DEFAULT_TOTAL_BUDGET) -> dict:
+    """Drop every variable over the per-variable cap, then the largest until the total fits.
+
+    The dropped names are listed in ``TRAINENV_OMITTED``; their values stay in the snapshot file.
+    """
     kept = {}
     omitted = []
     for name, value in values.items():
         if fits(name, value):
             kept[name] = value
         else:
+            omitted.append(name)
+    total = sum(entry_bytes(n, v) for n, v in kept.items())
+    if total > total_budget:
+        for name in sorted(kept, key=lambda n: entry_bytes(n, kept[n]), reverse=True):
+            if total <= total_budget or name.startswith("TRAINENV_") and len(kept[name]) < 256:
+                break
+            total -= entry_bytes(name, kept.pop(name))
             omitted.append(name)
     if omitted:
         kept[OMITTED_NAME] = to_json(omitted)
@@ -365,6 +407,7 @@ def to_env_vars(
     nproc_per_node: Optional[int] = None,
     master_port: Optional[int] = None,
     entry_point: Optional[str] = None,
+    total_budget: int = DEFAULT_TOTAL_BUDGET,
 ) -> dict:
     """The snapshot as environment variables (see the module docstring for the name sets)."""
     out = trainenv_vars(env)
@@ -376,4 +419,4 @@ def to_env_vars(
         out.update(_vertex_vars(env))
     nproc = nproc_per_node or env.num_gpus or 1
     out.update(cluster_env_vars(env, nproc, master_port))
-    return cap_sizes(out)
+    return cap_sizes(out, total_budget)

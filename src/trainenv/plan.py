@@ -150,6 +150,19 @@ def entry_argv(entry: EntryPoint, python: str, args: Tuple[str, ...]) -> Tuple[s
     return (SHELL, "-c", entry.target)
 
 
+KERNEL_ARG_LIMIT = 2 * 1024 * 1024
+RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names added after export
+
+
+def export_budget(args: Tuple[str, ...], environ: Mapping[str, str]) -> int:
+    """What is left for the exported names once argv and the inherited environment are counted."""
+    from trainenv.naming import entry_bytes
+
+    used = sum(len(a.encode("utf-8", "surrogateescape")) + 9 for a in args)
+    used += sum(entry_bytes(k, v) for k, v in environ.items())
+    return max(64 * 1024, KERNEL_ARG_LIMIT - RESERVED_BYTES - used)
+
+
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
     """Where this launch keeps its own files: container-local, never an output channel."""
     base = environ.get("TRAINENV_RUN_DIR") or os.path.join(tempfile.gettempdir(), f"trainenv-{os.getuid()}")
@@ -184,6 +197,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         nproc_per_node=nproc,
         master_port=settings.master_port,
         entry_point=settings.entry_point,
+        total_budget=export_budget(args, environ),
     )
     directory = run_dir(env, environ)
     env_file = os.path.join(directory, "env.json")

@@ -28,6 +28,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+class FrozenDict(dict):
+    """A ``dict`` that refuses every change: read-only like a mapping proxy, yet ``json.dumps`` takes it."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("snapshot mappings are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        return (FrozenDict, (dict(self),))
+
+
 class SnapshotMapping(Mapping):
     """Mixin for frozen dataclasses: a read-only mapping over the dataclass fields."""
 

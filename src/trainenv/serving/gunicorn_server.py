@@ -1,0 +1,164 @@
+"""The same WSGI app on gunicorn ``gthread`` workers (``TRAINENV_SERVER=gunicorn``, extra ``serve``).
+
+Configured in Python through ``gunicorn.app.base.BaseApplication`` (no command line, no config
+file; ``GUNICORN_CMD_ARGS`` is not read). The settings:
+
+| gunicorn setting | value |
+|---|---|
+| ``bind`` | ``fd://N``: a dup of the socket ``run_server`` bound, so bind errors and the log line are ours |
+| ``workers`` / ``worker_class`` | ``env.workers`` / ``gthread`` (not gevent: 230 ms p99 tail, monkey-patching) |
+| ``threads`` | ``env.threads + env.max_queue`` (at most 256): requests reach the app's pool, which answers 503/504 itself, and ``/ping`` is never stuck behind busy handlers |
+| ``worker_connections`` | ``env.max_connections`` |
+| ``timeout`` | ``max(30, timeout_s + 30)``: only for a worker whose main loop hangs; handler timeouts are the app's 504 |
+| ``graceful_timeout`` / ``keepalive`` | ``env.grace_s`` / ``env.keepalive_s`` |
+| ``preload_app`` | off: each worker runs ``model_fn`` itself, after the fork (safe with CUDA and threads) |
+| ``accesslog`` | off: the app writes the access lines (health checks at DEBUG) |
+| ``limit_request_*`` | 8190-byte lines, 100 headers (as the stdlib server) |
+| ``control_socket_disable`` | on, where the setting exists |
+
+The handler module is imported once in the arbiter, before forking, so an import error exits
+78 before any worker starts. Each worker then loads the model in ``load()`` with a heartbeat
+thread notifying the arbiter, and only then starts accepting. A worker whose model fails to
+load exits with gunicorn's ``APP_LOAD_ERROR`` and the arbiter halts; the reason (failure or
+start-up timeout) reaches the arbiter through one byte of shared memory, so ``run_gunicorn``
+returns 78 or 124 as the stdlib server would.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError
+from trainenv.serving.config import ServingEnv
+from trainenv.serving.logsink import ServingLog
+
+_REASON_NONE = 0
+_REASON_LOAD_FAILED = 1
+_REASON_STARTUP_TIMEOUT = 2
+_current_worker: Dict[str, Any] = {}
+
+
+def _post_fork(arbiter: Any, worker: Any) -> None:
+    _current_worker["worker"] = worker
+
+
+def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
+    try:
+        from gunicorn.app.base import BaseApplication
+        from gunicorn.errors import AppImportError, HaltServer
+    except ImportError:
+        raise ConfigError.at(
+            "TRAINENV_SERVER", None, "'gunicorn' needs gunicorn installed: pip install 'trainenv[serve]'"
+        ) from None
+    from trainenv.serving.server import _settings_line, _url, bind_socket, load_hooks
+
+    sock = bind_socket(env)
+    slog.info(f"listening on {_url(sock)} ({_settings_line(env)})")
+    try:
+        hooks = load_hooks(env, slog)
+    except BaseException:
+        sock.close()
+        raise
+    reason = mmap.mmap(-1, 1)
+    listen_fd = os.dup(sock.fileno())  # gunicorn takes ownership of (and closes) the fd it is given
+    sink, level, secrets = slog.sink, env.log_level, slog.secrets
+
+    class TrainenvGunicorn(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            settings = {
+                "bind": [f"fd://{listen_fd}"],
+                "workers": env.workers,
+                "worker_class": "gthread",
+                "threads": min(256, env.threads + env.max_queue),
+                "worker_connections": env.max_connections,
+                "timeout": int(max(30.0, env.timeout_s + 30.0)),
+                "graceful_timeout": int(math.ceil(env.grace_s)),
+                "keepalive": int(max(1.0, env.keepalive_s)),
+                "backlog": env.backlog,
+                "preload_app": False,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": env.log_level.lower(),
+                "limit_request_line": 8190,
+                "limit_request_fields": 100,
+                "limit_request_field_size": 8190,
+                "proc_name": "trainenv-serve",
+                "post_fork": _post_fork,
+                "sendfile": False,
+                "control_socket_disable": True,
+            }
+            for key, value in settings.items():
+                if key in self.cfg.settings:
+                    self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return _load_worker_app(env, hooks, ServingLog(sink, level, secrets), reason, AppImportError)
+
+    arbiter_pid = os.getpid()
+    try:
+        TrainenvGunicorn().run()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    except HaltServer as exc:  # raised again from halt() when two workers fail together
+        code = exc.exit_status
+    if os.getpid() != arbiter_pid:
+        # A worker leaves gunicorn through SystemExit; it must not run its parent's code from
+        # here on (the caller's cleanup, atexit handlers): end the process with that status.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+    sock.close()
+    why = reason[0]
+    if code in (0, None):
+        return 0
+    if why == _REASON_STARTUP_TIMEOUT:
+        return EXIT_TIMEOUT
+    if why == _REASON_LOAD_FAILED or code == 4:
+        slog.error("a gunicorn worker could not load the model (see the error above); exiting")
+        return EXIT_CONFIG
+    slog.error(f"gunicorn stopped with status {code}")
+    return EXIT_INTERNAL
+
+
+def _load_worker_app(env: ServingEnv, hooks: Any, slog: ServingLog, reason: mmap.mmap, app_import_error: Any) -> Any:
+    """In a worker: load the model (heartbeat running), build the app. Runs before the worker accepts."""
+    from trainenv.serving.app import ServingApp
+    from trainenv.serving.handler import Handler, HandlerError
+
+    worker = _current_worker.get("worker")
+    done = threading.Event()
+    deadline: Optional[float] = None if env.startup_timeout_s is None else time.monotonic() + env.startup_timeout_s
+
+    def heartbeat() -> None:
+        while not done.wait(1.0):
+            if deadline is not None and time.monotonic() > deadline:
+                slog.error(f"the model was not ready within the start-up timeout of {env.startup_timeout_s:g} s "
+                           "(TRAINENV_SERVING_STARTUP_TIMEOUT); exiting")
+                reason[0] = _REASON_STARTUP_TIMEOUT
+                sys.stderr.flush()
+                os._exit(4)
+            if worker is not None:
+                worker.notify()
+
+    threading.Thread(target=heartbeat, name="trainenv-heartbeat", daemon=True).start()
+    handler = Handler(hooks, env)
+    try:
+        seconds = handler.load()
+    except HandlerError as exc:
+        reason[0] = _REASON_LOAD_FAILED
+        slog.error(str(exc), exc.detail)
+        raise app_import_error(str(exc)) from None
+    finally:
+        done.set()
+    slog.info(f"worker {os.getpid()} ready: model loaded and warmed up in {seconds:.2f} s")
+    return ServingApp(env, handler, slog)
