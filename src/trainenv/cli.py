@@ -36,12 +36,16 @@ def _redacted(value: Any, secrets: Sequence[str], name: str = "") -> Any:
     return value
 
 
-def _shell_lines(variables: dict) -> str:
+def _shell_lines(variables: dict, secrets: Sequence[str]) -> str:
+    """``export NAME='value'`` lines; values redacted before quoting, so every line stays valid."""
     import shlex
 
-    from trainenv.redact import redact_value
+    from trainenv.redact import redact_text, redact_value
 
-    return "".join(f"export {name}={shlex.quote(redact_value(name, value))}\n" for name, value in variables.items())
+    return "".join(
+        f"export {name}={shlex.quote(redact_text(redact_value(name, value), secrets))}\n"
+        for name, value in variables.items()
+    )
 
 
 def build_cli() -> Any:
@@ -104,8 +108,7 @@ def build_cli() -> Any:
                     variables = {f"TRAINENV_SERVING_{normalize(k)}": env_value(v) for k, v in snapshot.to_dict().items()}
                 else:
                     variables = snapshot.to_env_vars(parse_compat(os.environ.get("TRAINENV_COMPAT", "pai")))
-                # Inside single quotes, a scrubbed value stays one safe word.
-                text = redact_text(_shell_lines(variables), secrets)
+                text = _shell_lines(variables, secrets)
             elif fmt == "yaml":
                 import yaml
 

@@ -100,7 +100,42 @@ def parse_json(path: object, text: str) -> Any:
     except RecursionError:
         raise ConfigError.at(path, None, "JSON nested too deeply") from None
     except ValueError as exc:  # parse_float/parse_constant, and int()'s digit limit
-        raise ConfigError.at(path, None, f"invalid JSON value: {str(exc)[:80]}") from None
+        raise ConfigError.at(path, _locate_bad_number(text), f"invalid JSON value: {str(exc)[:80]}") from None
+
+
+class _BadNumber:
+    pass
+
+
+def _locate_bad_number(text: str) -> Optional[str]:
+    """The key path of the first NaN, Infinity, out-of-range or over-long number, if found."""
+
+    def number(kind: type) -> Any:
+        def parse(literal: str) -> Any:
+            try:
+                value = kind(literal)
+            except ValueError:
+                return _BadNumber()
+            return _BadNumber() if value in (float("inf"), float("-inf")) else value
+
+        return parse
+
+    try:
+        data = json.loads(text, parse_constant=lambda _: _BadNumber(), parse_float=number(float), parse_int=number(int))
+    except (ValueError, RecursionError):
+        return None
+
+    def find(value: Any, where: str) -> Optional[str]:
+        if isinstance(value, _BadNumber):
+            return where or "(top level)"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, inner in items:
+            found = find(inner, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+
+    return find(data, "")
 
 
 def check_launchable(source: object, key: object, value: Any) -> None:
@@ -219,10 +254,34 @@ def list_channel_dirs(data_dir: Path) -> list:
         return []
     except OSError as exc:
         raise ConfigError.at(data_dir, None, f"cannot list: {exc.strerror}") from None
-    names = [entry.name for entry in entries if entry.is_dir()]
+    names = [entry.name for entry in entries if entry.is_dir() and not is_ignored_dir(entry.name)]
     for name in names:
         check_channel_name(data_dir, name)
     return sorted(names)
+
+
+def is_ignored_dir(name: str) -> bool:
+    """Dirs a mounted volume brings that are no channel: ``lost+found`` and hidden ones."""
+    return name.startswith(".") or name == "lost+found"
+
+
+def _yaml_culprit(yaml: Any, text: str) -> Optional[str]:
+    """``key (line N)`` of the first top-level value PyYAML cannot construct, if it can tell."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            pairs = node.value if isinstance(node, yaml.MappingNode) else []
+            for key_node, value_node in pairs:
+                try:
+                    loader.construct_object(value_node, deep=True)
+                except Exception:  # noqa: BLE001 - locating the value that failed is all we want
+                    return f"{getattr(key_node, 'value', '?')} (line {value_node.start_mark.line + 1})"
+        finally:
+            loader.dispose()
+    except Exception:  # noqa: BLE001
+        return None
+    return None
 
 
 def read_settings_file(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
@@ -245,7 +304,7 @@ def read_settings_file(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
             raise ConfigError.at(path, None, "YAML nested too deeply") from None
         except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
             # PyYAML's constructors raise these for values like `2020-13-45` or `!!bool maybe`.
-            raise ConfigError.at(path, None, f"invalid YAML value: {type(exc).__name__}: {str(exc)[:80]}") from None
+            raise ConfigError.at(path, _yaml_culprit(yaml, text), f"invalid YAML value ({type(exc).__name__}: {str(exc)[:60]})") from None
         if value is None:
             return {}, path
         if not isinstance(value, dict):

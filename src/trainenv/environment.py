@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
-from trainenv.snapshot import FrozenDict, SnapshotMapping
+from trainenv.snapshot import FrozenDict, SnapshotMapping, deep_freeze
 
 ENV_FILE_VAR = "TRAINENV_ENV_FILE"
 DEFAULT_JOB_NAME = "trainenv-job"
@@ -87,12 +87,10 @@ class TrainingEnv(SnapshotMapping):
 
 
 def _freeze(value: Any) -> Any:
-    """Top-level dicts become read-only dicts and lists tuples; values inside stay JSON data."""
-    if isinstance(value, dict):
-        return FrozenDict(value)
+    """A field loaded from JSON: top-level lists become tuples, and every dict and list inside read-only."""
     if isinstance(value, list):
-        return tuple(_freeze(v) for v in value)
-    return value
+        return tuple(deep_freeze(v) for v in value)
+    return deep_freeze(value)
 
 
 _hardware: dict = {}
@@ -115,11 +113,11 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, in
 
 
 def _output_channels(layout: Layout) -> list:
-    from trainenv.config import check_channel_name
+    from trainenv.config import check_channel_name, is_ignored_dir
 
     names = list(STANDARD_OUTPUT_CHANNELS)
     try:
-        entries = sorted(e.name for e in os.scandir(layout.output_dir) if e.is_dir())
+        entries = sorted(e.name for e in os.scandir(layout.output_dir) if e.is_dir() and not is_ignored_dir(e.name))
     except OSError:
         entries = []
     for name in entries:
@@ -172,12 +170,12 @@ def build_training_env(
         base_dir=str(layout.base_dir),
         local_mode=layout.local_mode,
         job_name=str(job_name),
-        hyperparameters=FrozenDict(hyperparameters),
-        framework_parameters=FrozenDict(framework_parameters),
+        hyperparameters=deep_freeze(hyperparameters),
+        framework_parameters=deep_freeze(framework_parameters),
         user_args=tuple(to_cmd_args(hyperparameters)),
         channels=tuple(channels),
         channel_dirs=FrozenDict({c: str(layout.channel_dir(c)) for c in channels}),
-        input_data_config=FrozenDict(input_data_config),
+        input_data_config=deep_freeze(input_data_config),
         output_dirs=FrozenDict({c: str(layout.output_channel_dir(c)) for c in output_channels}),
         code_dir=str(layout.code_dir),
         input_dir=str(layout.input_dir),
@@ -202,7 +200,7 @@ def build_training_env(
         memory_bytes=memory,
         num_gpus=len(gpus),
         gpus=gpus,
-        resource_config=FrozenDict(resource_config) if resource_config is not None else None,
+        resource_config=deep_freeze(resource_config) if resource_config is not None else None,
     )
 
 

@@ -387,17 +387,25 @@ def cap_sizes(values: Mapping[str, str], total_budget: int = DEFAULT_TOTAL_BUDGE
         else:
             omitted.append(name)
     total = sum(entry_bytes(n, v) for n, v in kept.items())
-    if total > total_budget:
-        for name in sorted(kept, key=lambda n: entry_bytes(n, kept[n]), reverse=True):
-            if total <= total_budget or name.startswith("TRAINENV_") and len(kept[name]) < 256:
-                break
-            total -= entry_bytes(name, kept.pop(name))
-            omitted.append(name)
+    # Compat copies go before trainenv's own names; within each, the largest first.
+    order = sorted(kept, key=lambda n: (n.startswith("TRAINENV_"), -entry_bytes(n, kept[n])))
+    for name in order:
+        if total + _omitted_bytes(omitted) <= total_budget:
+            break
+        total -= entry_bytes(name, kept.pop(name))
+        omitted.append(name)
     if omitted:
-        kept[OMITTED_NAME] = to_json(omitted)
-        if not fits(OMITTED_NAME, kept[OMITTED_NAME]):
-            kept[OMITTED_NAME] = to_json(omitted[:100] + ["..."])
+        kept[OMITTED_NAME] = _omitted_value(omitted)
     return kept
+
+
+def _omitted_value(omitted: list) -> str:
+    value = to_json(omitted)
+    return value if fits(OMITTED_NAME, value) else to_json(omitted[:100] + ["..."])
+
+
+def _omitted_bytes(omitted: list) -> int:
+    return entry_bytes(OMITTED_NAME, _omitted_value(omitted)) if omitted else entry_bytes(OMITTED_NAME, "[]") + 64
 
 
 def to_env_vars(

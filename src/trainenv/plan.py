@@ -246,8 +246,8 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
 
 def plan_secrets(env: TrainingEnv, environ: Mapping[str, str]) -> Tuple[str, ...]:
     """Values to scrub from anything printed: secret-named variables and hyperparameters."""
-    from trainenv.naming import env_value
+    from trainenv.redact import nested_secrets
 
     named = dict(environ)
-    named.update({f"hp:{k}": env_value(v) for k, v in env.hyperparameters.items()})
+    named.update({f"secret:{path}": text for path, text in nested_secrets(env.hyperparameters).items()})
     return tuple(secret_values(named))

@@ -36,9 +36,35 @@ def redact_mapping(values: Mapping[str, str]) -> dict:
 
 
 def secret_values(values: Mapping[str, str]) -> list:
-    """The values of secret-looking names, longest first (for scrubbing free text)."""
-    found = {v for k, v in values.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN}
+    """The values of secret-looking names, longest first (for scrubbing free text).
+
+    Each value also comes in the forms it takes inside JSON and shell-quoted text, so a
+    secret with quotes or backslashes is found wherever trainenv serialized it.
+    """
+    import json
+    import shlex
+
+    found = set()
+    for name, value in values.items():
+        if is_secret_name(name) and len(value) >= _MIN_SECRET_LEN:
+            found.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], shlex.quote(value)})
     return sorted(found, key=len, reverse=True)
+
+
+def nested_secrets(value: object, name: str = "", found: dict = None) -> dict:
+    """``{path: text}`` for every value under a secret-looking key, at any depth of JSON data."""
+    import json
+
+    found = {} if found is None else found
+    if isinstance(value, Mapping):
+        for key, inner in value.items():
+            nested_secrets(inner, f"{name}.{key}" if name else str(key), found)
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            nested_secrets(inner, f"{name}[{index}]", found)
+    elif is_secret_name(name.rsplit(".", 1)[-1].split("[", 1)[0]) and value not in (None, ""):
+        found[name] = value if isinstance(value, str) else json.dumps(value)
+    return found
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:

@@ -41,6 +41,28 @@ class FrozenDict(dict):
         return (FrozenDict, (dict(self),))
 
 
+class FrozenList(list):
+    """A ``list`` that refuses every change; equal to the same plain list, and JSON-ready."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("snapshot lists are read-only")
+
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> Any:
+        return (FrozenList, (list(self),))
+
+
+def deep_freeze(value: Any) -> Any:
+    """Nested dicts and lists become ``FrozenDict``/``FrozenList``; everything else as is."""
+    if isinstance(value, dict):
+        return FrozenDict({k: deep_freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return FrozenList(deep_freeze(v) for v in value)
+    return value
+
+
 class SnapshotMapping(Mapping):
     """Mixin for frozen dataclasses: a read-only mapping over the dataclass fields."""
 

@@ -27,9 +27,16 @@ traceback; the traceback goes to the log with the request id:
 | a hook raised ``trainenv.serving.HTTPError(status, message)`` | that status |
 | a hook raised anything else | 500 (``"<hook> raised <Type>: <message>"``) |
 | not ready (loading, ``ready_fn`` false, draining), or every handler thread busy and the queue full | 503 with ``Retry-After`` |
-| the handler did not answer within ``timeout_s`` | 504; the call finishes in the background and still counts against the pool |
+| the handler did not answer within ``timeout_s`` | 504, sent when the deadline passes; the connection is closed, the call finishes in the background and still holds its slot |
 
-A missing ``Content-Type`` means ``application/json``; a missing ``Accept`` or ``*/*`` means
+Handler calls run in the server's own request thread, at most ``threads`` at once, at most
+``max_queue`` waiting (``trainenv.serving.pool.InlineRunner``). When a call passes ``timeout_s``,
+the runner's watchdog answers 504 at once through the server (``environ["trainenv.timeout_writer"]``
+on the stdlib server, the raw ``environ["gunicorn.socket"]`` on gunicorn) and closes that
+connection; the handler's late result is dropped.
+
+Error messages (bodies and log lines) have the environment's secret values and URL
+credentials masked (``trainenv.redact``). A missing ``Content-Type`` means ``application/json``; a missing ``Accept`` or ``*/*`` means
 ``default_accept``. The request id is the client's ``X-Request-Id`` (or
 ``X-Amzn-RequestId``) when it is sane, else generated; it is echoed in ``X-Request-Id``.
 The app sets ``environ["trainenv.must_close"]`` to ask the server to close the connection after
@@ -45,15 +52,15 @@ import itertools
 import os
 import re
 import time
-import traceback
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+from trainenv.redact import redact_text
 from trainenv.serving import codecs, media, protocols
 from trainenv.serving.api import HTTPError, RequestContext, reason_phrase, status_code_name
 from trainenv.serving.config import ServingEnv
 from trainenv.serving.handler import Handler, HookError
 from trainenv.serving.logsink import ServingLog
-from trainenv.serving.pool import DeadlineExceeded, HandlerPool, Saturated
+from trainenv.serving.pool import AlreadyAnswered, DeadlineExceeded, InlineRunner, Saturated
 
 LOADING = "loading"
 READY = "ready"
@@ -88,11 +95,11 @@ def _clean(text: str) -> str:
 class ServingApp:
     """The WSGI callable for one process (one handler, one pool)."""
 
-    def __init__(self, env: ServingEnv, handler: Handler, log: ServingLog, pool: Optional[HandlerPool] = None) -> None:
+    def __init__(self, env: ServingEnv, handler: Handler, log: ServingLog) -> None:
         self.env = env
         self.handler = handler
         self.log = log
-        self.pool = pool or HandlerPool(env.threads, env.max_queue)
+        self.pool = InlineRunner(env.threads, env.max_queue)
         self.state = READY if handler.loaded else LOADING
         self._not_ready_reason = "the model is loading"
         self._last_ready_problem = ""
@@ -138,24 +145,29 @@ class ServingApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO") or "/"
         request_id = self._request_id(environ)
+        environ["trainenv.started"] = started
         try:
             status, headers, body = self._dispatch(environ, method, path, request_id)
         except Exception as exc:  # noqa: BLE001 - a bug here must still answer
-            self.log.error(f"internal error on {method} {path} [{request_id}]: {type(exc).__name__}: {exc}", traceback.format_exc())
+            self.log.error(f"internal error on {method} {path} [{request_id}]: {type(exc).__name__}: {exc}", _format_exc())
             status, headers, body = self._error(500, "internal error in trainenv serving; see the server log", request_id)
         headers.append(("Content-Length", str(len(body))))
         headers.append(("X-Request-Id", request_id))
         start_response(status_line(status), headers)
-        if self._access:
-            health = path in self._health
-            if not health or self._access_health:
-                elapsed = (time.perf_counter() - started) * 1000.0
-                line = f'{environ.get("REMOTE_ADDR", "-")} "{method} {_shown_path(path)}" {status} {len(body)} {elapsed:.1f}ms {request_id}'
-                if health:
-                    self.log.debug(line)
-                else:
-                    self.log.info(line)
+        if self._access and not environ.get("trainenv.answered"):
+            self._access_line(environ, method, path, status, len(body), request_id)
         return [body]
+
+    def _access_line(self, environ: dict, method: str, path: str, status: int, size: int, request_id: str) -> None:
+        health = path in self._health
+        if health and not self._access_health:
+            return
+        elapsed = (time.perf_counter() - environ["trainenv.started"]) * 1000.0
+        line = f'{environ.get("REMOTE_ADDR", "-")} "{method} {_shown_path(path)}" {status} {size} {elapsed:.1f}ms {request_id}'
+        if health:
+            self.log.debug(line)
+        else:
+            self.log.info(line)
 
     def _request_id(self, environ: dict) -> str:
         given = environ.get("HTTP_X_REQUEST_ID") or environ.get("HTTP_X_AMZN_REQUESTID")
@@ -191,13 +203,13 @@ class ServingApp:
         headers: Iterable[Tuple[str, str]] = (),
         code: Optional[str] = None,
     ) -> Result:
-        message = _clean(message)
+        message = _clean(redact_text(message, self.log.secrets))
         if v2:
             body = codecs.to_json({"error": message})
         else:
             body = codecs.to_json({"error": code or status_code_name(status), "message": message, "request_id": request_id})
         out = [_JSON_CT]
-        out.extend((str(k), _clean(v)) for k, v in headers)
+        out.extend(_user_headers(headers))
         if status == 503 and not any(k.lower() == "retry-after" for k, _ in out):
             out.append(("Retry-After", RETRY_AFTER_S))
         return status, out, body
@@ -213,7 +225,7 @@ class ServingApp:
         except Exception as exc:  # noqa: BLE001
             problem = f"ready_fn raised {type(exc).__name__}: {exc}"
             if problem != self._last_ready_problem:
-                self.log.warning(problem, traceback.format_exc())
+                self.log.warning(problem, _format_exc())
             self._last_ready_problem = problem
             return False
         problem = "" if ready else "ready_fn returned false"
@@ -246,7 +258,7 @@ class ServingApp:
         return 200, [_JSON_CT], codecs.to_json({"name": "trainenv", "version": __version__, "extensions": []})
 
     def _execution_parameters(self, environ: dict, request_id: str) -> Result:
-        return self._through_pool(self.handler.execution_parameters, (), request_id)
+        return self._through_pool(environ, self.handler.execution_parameters, (), request_id)
 
     # -- reading the request ------------------------------------------------------------------
 
@@ -314,30 +326,65 @@ class ServingApp:
 
     # -- running the handler ------------------------------------------------------------------
 
-    def _through_pool(self, fn: Callable, args: Tuple, request_id: str, v2: bool = False) -> Result:
+    def _timeout_answer(self, request_id: str, v2: bool) -> Result:
+        self.log.warning(f"timeout [{request_id}]: no answer within {self._deadline_s:g} s; the call is still running in the background")
+        return self._error(504, f"the handler did not answer within {self._deadline_s:g} s (timeout_s)", request_id, v2)
+
+    def _on_timeout(self, environ: dict, request_id: str, v2: bool) -> Callable[[], None]:
+        """Called by the watchdog when the deadline passes: answer 504 now, while the handler
+        still runs, through the server's writer (stdlib: ``trainenv.timeout_writer``; gunicorn:
+        its ``gunicorn.socket``). Without either, the 504 goes out when the handler returns."""
+
+        def on_timeout() -> None:
+            writer = environ.get("trainenv.timeout_writer")
+            if writer is None:
+                sock = environ.get("gunicorn.socket")
+                writer = None if sock is None else _socket_writer(sock)
+            if writer is None:
+                return
+            status, headers, body = self._timeout_answer(request_id, v2)
+            headers.append(("Content-Length", str(len(body))))
+            headers.append(("X-Request-Id", request_id))
+            writer(status_line(status), headers, body)
+            environ["trainenv.answered"] = True
+            if self._access:
+                self._access_line(environ, environ.get("REQUEST_METHOD", "POST"), environ.get("PATH_INFO", ""), status, len(body), request_id)
+
+        return on_timeout
+
+    def _through_pool(self, environ: dict, fn: Callable, args: Tuple, request_id: str, v2: bool = False) -> Result:
         """Run ``fn(*args) -> (status, content type, headers, body)`` in the pool; map every failure."""
         try:
-            status, content_type, extra, body = self.pool.run(fn, args, time.monotonic() + self._deadline_s)
+            status, content_type, extra, body = self.pool.run(
+                fn, args, time.monotonic() + self._deadline_s, self._on_timeout(environ, request_id, v2)
+            )
+        except AlreadyAnswered:
+            if not environ.get("trainenv.answered"):
+                return self._timeout_answer(request_id, v2)
+            # Answered and closed already; what we return now only meets a closed socket
+            # (gunicorn ignores the EPIPE; the stdlib server does not write it).
+            return 504, [], b""
         except Saturated:
             self.log.warning(
                 f"saturated [{request_id}]: {self.pool.threads} handler threads busy"
                 f" ({self.pool.overrunning} past their timeout), queue full; answered 503"
             )
             return self._error(503, f"all {self.pool.threads} handler threads are busy and the queue is full; retry later", request_id, v2)
-        except DeadlineExceeded as exc:
-            where = "still running in the background" if exc.started else "never started (queued too long)"
-            self.log.warning(f"timeout [{request_id}]: no answer within {self._deadline_s:g} s; the call is {where}")
-            return self._error(504, f"the handler did not answer within {self._deadline_s:g} s (timeout_s)", request_id, v2)
+        except DeadlineExceeded:
+            self.log.warning(f"timeout [{request_id}]: waited {self._deadline_s:g} s for a free handler thread; never started")
+            return self._error(504, f"no handler thread became free within {self._deadline_s:g} s (timeout_s)", request_id, v2)
         except HTTPError as exc:
             if exc.status >= 500:
                 self.log.warning(f"handler answered {exc.status} [{request_id}]: {exc.message}")
             return self._error(exc.status, exc.message, request_id, v2, exc.headers, None if v2 else exc.code)
         except HookError as exc:
+            import traceback
+
             detail = "".join(traceback.format_exception(type(exc.error), exc.error, exc.error.__traceback__))
             self.log.error(f"request {request_id} failed: {exc}", detail)
             return self._error(500, f"{exc} (request id {request_id})", request_id, v2)
         headers = [("Content-Type", _clean(content_type))]
-        headers.extend((str(k), _clean(v)) for k, v in extra)
+        headers.extend(_user_headers(extra))
         return status, headers, body
 
     def _invocations(self, environ: dict, request_id: str) -> Result:
@@ -355,7 +402,7 @@ class ServingApp:
         context = (
             self._context(environ, request_id, media_type, accept[0], "/invocations") if self.handler.wants_context else None
         )
-        return self._through_pool(self.handler.invoke, (body, media_type, params, accept, context), request_id)
+        return self._through_pool(environ, self.handler.invoke, (body, media_type, params, accept, context), request_id)
 
     def _json_body(self, environ: dict, request_id: str, v2: bool) -> Tuple[Optional[bytes], Optional[Result]]:
         try:
@@ -373,7 +420,7 @@ class ServingApp:
         body, failure = self._json_body(environ, request_id, v2=False)
         if failure is not None:
             return failure
-        return self._through_pool(self._vertex_job, (body, environ, request_id), request_id)
+        return self._through_pool(environ, self._vertex_job, (body, environ, request_id), request_id)
 
     def _vertex_job(self, body: bytes, environ: dict, request_id: str) -> Tuple[int, str, tuple, bytes]:
         instances, parameters = protocols.parse_vertex_request(body)
@@ -412,7 +459,7 @@ class ServingApp:
         body, failure = self._json_body(environ, request_id, v2=True)
         if failure is not None:
             return failure
-        return self._through_pool(self._v2_job, (body, version, environ, request_id), request_id, v2=True)
+        return self._through_pool(environ, self._v2_job, (body, version, environ, request_id), request_id, v2=True)
 
     def _v2_job(self, body: bytes, version: Optional[str], environ: dict, request_id: str) -> Tuple[int, str, tuple, bytes]:
         request = protocols.V2Request(body)
@@ -424,6 +471,40 @@ class ServingApp:
             return 200, codecs.JSON, (), protocols.v2_response(request, prediction, self.env.model_name, version)
         except TypeError as exc:
             raise HookError("predict_fn", exc) from None
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+\Z")
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"))
+
+
+def _user_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """Headers from a hook's ``Response``/``HTTPError``: valid names only, one-line values, no
+    hop-by-hop or framing headers (the server owns those)."""
+    return [
+        (str(name), _clean(value))
+        for name, value in headers
+        if _TOKEN.match(str(name)) and str(name).lower() not in _HOP_BY_HOP
+    ]
+
+
+def _socket_writer(sock: Any) -> Callable[[str, List[Tuple[str, str]], bytes], None]:
+    """Write a complete ``Connection: close`` answer on a raw socket, then shut it down."""
+
+    def write(status_text: str, headers: List[Tuple[str, str]], body: bytes) -> None:
+        lines = [f"HTTP/1.1 {status_text}"] + [f"{name}: {value}" for name, value in headers] + ["Connection: close", "", ""]
+        try:
+            sock.sendall("\r\n".join(lines).encode("latin-1") + body)
+            sock.shutdown(2)  # socket.SHUT_RDWR
+        except OSError:
+            pass
+
+    return write
+
+
+def _format_exc() -> str:
+    import traceback
+
+    return traceback.format_exc()
 
 
 def _discard(environ: dict, stream: Any, length: Optional[int]) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import importlib.util
 import io
 import json
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,6 +48,8 @@ class CannotEncode(Exception):
 def numpy_available() -> bool:
     global _numpy_available
     if _numpy_available is None:
+        import importlib.util
+
         _numpy_available = importlib.util.find_spec("numpy") is not None
     return _numpy_available
 

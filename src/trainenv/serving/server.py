@@ -37,7 +37,6 @@ import signal
 import socket
 import threading
 import time
-import traceback
 from typing import Any, Callable, Dict, Optional
 
 from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError, TrainenvError
@@ -105,6 +104,8 @@ def run_server(env: ServingEnv, log: Optional[Callable[[str], None]] = None) -> 
         slog.error(str(exc), getattr(exc, "detail", ""))
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence: log, exit 70
+        import traceback
+
         slog.error(f"internal error: {type(exc).__name__}: {exc}", traceback.format_exc())
         return EXIT_INTERNAL
 
@@ -168,6 +169,8 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
             except HandlerError as exc:
                 events.put(("failed", exc))
             except BaseException as exc:  # noqa: BLE001
+                import traceback
+
                 events.put(("failed", HandlerError(f"loading the model failed: {type(exc).__name__}: {exc}", traceback.format_exc())))
             else:
                 events.put(("loaded", seconds))

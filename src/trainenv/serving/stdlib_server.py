@@ -1,7 +1,9 @@
 """The embedded HTTP/1.1 WSGI server: stdlib only, hardened for a model endpoint.
 
-One process; an accept loop plus one thread per open connection; the handler calls themselves
-run in the app's bounded ``HandlerPool``. What makes it fit for production (serving.md §5.1,
+One process; an accept loop plus one thread per open connection, which also runs the handler
+(the app's ``InlineRunner`` bounds how many run at once and answers 504 through
+``environ["trainenv.timeout_writer"]`` when one overruns: the answer is written and the
+connection closed while the handler finishes in the background). What makes it fit for production (serving.md §5.1,
 each point measured or read there):
 
 * **HTTP/1.1 keep-alive, one write per response.** Status line, headers and body leave in one
@@ -39,9 +41,7 @@ import socket
 import sys
 import threading
 import time
-from email.utils import formatdate
 from typing import Any, Callable, Dict, List, Optional, Tuple
-from urllib.parse import unquote_to_bytes
 
 from trainenv.serving.api import HTTPError, reason_phrase, status_code_name
 from trainenv.serving.logsink import ServingLog
@@ -197,20 +197,26 @@ class _ChunkedBody:
 
 
 class _Connection:
-    __slots__ = ("sock", "busy")
+    __slots__ = ("sock", "busy", "answered")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.busy = False
+        self.answered = False
 
 
 _date_cache: List[Any] = [0, b""]
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def _date_header() -> bytes:
+    """``Date: Sun, 06 Nov 1994 08:49:37 GMT`` (RFC 9110 IMF-fixdate), computed once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[1] = f"Date: {formatdate(now, usegmt=True)}\r\n".encode("ascii")
+        t = time.gmtime(now)
+        text = f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+        _date_cache[1] = f"Date: {text}\r\n".encode("ascii")
         _date_cache[0] = now
     return _date_cache[1]
 
@@ -380,11 +386,9 @@ class StdlibServer:
                     connection.busy = True
                     self._busy += 1
                 try:
-                    keep = self._one_request(sock, rfile, line, remote)
+                    keep = self._one_request(connection, rfile, line, remote)
                 finally:
-                    with self._lock:
-                        connection.busy = False
-                        self._busy -= 1
+                    self._not_busy(connection)
                 if not keep:
                     return
         except (OSError, ValueError):
@@ -398,14 +402,41 @@ class StdlibServer:
             except OSError:
                 pass
 
-    def _one_request(self, sock: socket.socket, rfile: Any, line: bytes, remote: str) -> bool:
+    def _not_busy(self, connection: _Connection) -> None:
+        with self._lock:
+            if connection.busy:
+                connection.busy = False
+                self._busy -= 1
+
+    def _timeout_writer(self, connection: _Connection) -> Callable[[str, List[Tuple[str, str]], bytes], None]:
+        """``environ["trainenv.timeout_writer"]``: answer now (from the app's watchdog thread) and
+        close, while the handler keeps running in the connection's thread. The request no longer
+        counts as in flight for the drain."""
+
+        def write(status_text: str, headers: List[Tuple[str, str]], body: bytes) -> None:
+            if connection.answered:
+                return
+            connection.answered = True
+            try:
+                connection.sock.sendall(_head(status_text, headers, len(body), False, True, False) + body)
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._not_busy(connection)
+
+        return write
+
+    def _one_request(self, connection: _Connection, rfile: Any, line: bytes, remote: str) -> bool:
         """Parse, run the app, answer. True to keep the connection open."""
+        sock = connection.sock
+        connection.answered = False
         try:
             environ, body, keep_alive, http10 = self._parse(sock, rfile, line, remote)
         except _Reject as reject:
             self._send_error(sock, reject.status, reject.message)
             return False
         head_only = environ["REQUEST_METHOD"] == "HEAD"
+        environ["trainenv.timeout_writer"] = self._timeout_writer(connection)
         captured: List[Any] = []
 
         def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
@@ -429,6 +460,8 @@ class StdlibServer:
                            f"{type(exc).__name__}: {exc}")
             self._send_error(sock, 500, "internal error in the server; see the server log")
             return False
+        if environ.get("trainenv.answered") or connection.answered:
+            return False
         status_text, headers = captured
         payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -444,24 +477,9 @@ class StdlibServer:
         if unread != 0:
             must_close = True
 
-        out = [f"HTTP/1.1 {status_text}\r\n".encode("latin-1"), _date_header(), _SERVER_HEADER]
-        has_length = False
-        for name, value in headers:
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"header {name!r} contains a line break")
-            if name.lower() == "content-length":
-                has_length = True
-            out.append(f"{name}: {value}\r\n".encode("latin-1"))
         code = status_text[:3]
         no_body = head_only or code in ("204", "304") or code.startswith("1")
-        if not has_length and not no_body:
-            out.append(f"Content-Length: {len(payload)}\r\n".encode("ascii"))
-        if must_close:
-            out.append(b"Connection: close\r\n")
-        elif http10:
-            out.append(b"Connection: keep-alive\r\n")
-        out.append(b"\r\n")
-        head = b"".join(out)
+        head = _head(status_text, headers, len(payload), no_body, must_close, http10)
         if no_body:
             sock.sendall(head)
         elif len(payload) <= SINGLE_WRITE_LIMIT:
@@ -495,7 +513,11 @@ class StdlibServer:
         if not target.startswith(b"/"):
             raise _Reject(400, "the request target must be a path")
         path, _, query = target.partition(b"?")
-        path_info = (unquote_to_bytes(path) if b"%" in path else path).decode("latin-1")
+        if b"%" in path:
+            from urllib.parse import unquote_to_bytes
+
+            path = unquote_to_bytes(path)
+        path_info = path.decode("latin-1")
 
         environ = dict(self._base_environ)
         environ["REQUEST_METHOD"] = method.decode("ascii")
@@ -590,6 +612,26 @@ class StdlibServer:
                 budget -= len(data)
         except (OSError, ValueError):
             return
+
+
+def _head(status_text: str, headers: List[Tuple[str, str]], length: int, no_body: bool, close: bool, http10: bool) -> bytes:
+    """Status line and headers, with ``Date``, ``Server``, ``Content-Length`` and ``Connection``."""
+    out = [f"HTTP/1.1 {status_text}\r\n".encode("latin-1"), _date_header(), _SERVER_HEADER]
+    has_length = False
+    for name, value in headers:
+        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+            raise ValueError(f"header {name!r} contains a line break")
+        if name.lower() == "content-length":
+            has_length = True
+        out.append(f"{name}: {value}\r\n".encode("latin-1"))
+    if not has_length and not no_body:
+        out.append(f"Content-Length: {length}\r\n".encode("ascii"))
+    if close:
+        out.append(b"Connection: close\r\n")
+    elif http10:
+        out.append(b"Connection: keep-alive\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
 
 
 def _no_write(data: bytes) -> None:
