@@ -7,7 +7,7 @@
 | ``tree_state``    | ``state(path) -> dict``: every entry below ``path`` with a digest; equal before/after = nothing created, changed or deleted |
 | ``clean_environ`` | ``os.environ`` without any platform or trainenv variable, for child processes |
 | ``run_trainenv``  | ``run(*args, env=, extra_env=, cwd=, prefix=) -> CompletedProcess`` of the installed ``trainenv`` script |
-| ``fake_nvml_dir`` | a directory holding a fake ``pynvml`` module (``FAKE_NVML_GPUS`` GPUs, default 2); put it on ``PYTHONPATH`` |
+| ``fake_nvml_dir`` | a directory holding a fake ``pynvml`` module (``FAKE_NVML_GPUS`` GPUs, default 2), preloaded by a ``sitecustomize``; put it on ``PYTHONPATH`` |
 | ``fake_nvml``     | that module as ``sys.modules["pynvml"]`` for in-process tests (trainenv's hardware cache emptied) |
 
 ``job_tree`` writes each config file from a dict (as JSON), a ``str`` (as UTF-8) or ``bytes``
@@ -247,6 +247,9 @@ def run_trainenv(clean_environ: dict) -> Callable[..., subprocess.CompletedProce
 def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("fake-pynvml")
     (directory / "pynvml.py").write_text(FAKE_PYNVML)
+    # This machine has no NVIDIA driver, so trainenv would not even import pynvml: preload the
+    # fake one, as a process on a GPU machine would find the real one.
+    (directory / "sitecustomize.py").write_text("import pynvml  # noqa: F401\n")
     return directory
 
 

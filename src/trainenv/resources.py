@@ -85,10 +85,10 @@ GPUs: ``gpus(environ)``
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -106,7 +106,20 @@ __all__ = [
     "physical_memory_bytes",
 ]
 
-logger = logging.getLogger(__name__)
+# The kernel driver's device nodes: without any of them NVML cannot load, so pynvml
+# (tens of milliseconds to import) is not even imported.
+NVIDIA_DRIVER_MARKERS = ("dev/nvidiactl", "proc/driver/nvidia", "dev/dxg")
+
+
+def _debug(message: str, *args: object) -> None:
+    """One debug line; ``logging`` is imported only when one is written."""
+    import logging
+
+    logging.getLogger(__name__).debug(message, *args)
+
+
+def nvidia_driver_present(root: str = "/") -> bool:
+    return any(os.path.exists(os.path.join(root, marker)) for marker in NVIDIA_DRIVER_MARKERS)
 
 DEFAULT_CFS_PERIOD_US = 100_000
 """The kernel's CFS period when none is given (``cpu.max`` short form, v1 period file)."""
@@ -142,7 +155,7 @@ def _read(path: str) -> str | None:
             return handle.read(_READ_LIMIT)
     except OSError as exc:
         if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
-            logger.debug("cannot read %s: %s", path, exc)
+            _debug("cannot read %s: %s", path, exc)
         return None
 
 
@@ -628,15 +641,18 @@ def gpus(environ: Mapping[str, str]) -> tuple[Gpu, ...]:
     variable, entries = (None, None) if visibility is None else (visibility[0], _entries(*visibility))
     if entries == []:
         return ()
+    if "pynvml" not in sys.modules and not nvidia_driver_present():
+        _debug("no GPUs: no NVIDIA driver (none of /%s)", ", /".join(NVIDIA_DRIVER_MARKERS))
+        return ()
     try:
         import pynvml
     except ImportError as exc:
-        logger.debug("no GPUs: cannot import pynvml (install nvidia-ml-py): %s", exc)
+        _debug("no GPUs: cannot import pynvml (install nvidia-ml-py): %s", exc)
         return ()
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        logger.debug("no GPUs: NVML is not available: %s", exc)
+        _debug("no GPUs: NVML is not available: %s", exc)
         return ()
     try:
         nvml = _Nvml(pynvml)
@@ -648,4 +664,4 @@ def gpus(environ: Mapping[str, str]) -> tuple[Gpu, ...]:
         try:
             pynvml.nvmlShutdown()
         except pynvml.NVMLError as exc:
-            logger.debug("nvmlShutdown failed: %s", exc)
+            _debug("nvmlShutdown failed: %s", exc)
