@@ -112,10 +112,14 @@ NVIDIA_DRIVER_MARKERS = ("dev/nvidiactl", "proc/driver/nvidia", "dev/dxg")
 
 
 def _debug(message: str, *args: object) -> None:
-    """One debug line; ``logging`` is imported only when one is written."""
-    import logging
+    """One debug line, when the process uses ``logging`` at all.
 
-    logging.getLogger(__name__).debug(message, *args)
+    A process that never imported ``logging`` configured no handler, so the record would be
+    dropped anyway: importing it just to drop a line would cost milliseconds on every start.
+    """
+    logging = sys.modules.get("logging")
+    if logging is not None:
+        logging.getLogger(__name__).debug(message, *args)
 
 
 def nvidia_driver_present(root: str = "/") -> bool:
