@@ -56,11 +56,21 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from trainenv.redact import redact_text
 from trainenv.serving import codecs, media, protocols
-from trainenv.serving.api import HTTPError, RequestContext, reason_phrase, status_code_name
+from trainenv.serving.api import (
+    HTTPError,
+    RequestContext,
+    reason_phrase,
+    status_code_name,
+)
 from trainenv.serving.config import ServingEnv
 from trainenv.serving.handler import Handler, HookError
 from trainenv.serving.logsink import ServingLog
-from trainenv.serving.pool import AlreadyAnswered, DeadlineExceeded, InlineRunner, Saturated
+from trainenv.serving.pool import (
+    AlreadyAnswered,
+    DeadlineExceeded,
+    InlineRunner,
+    Saturated,
+)
 
 LOADING = "loading"
 READY = "ready"
@@ -149,8 +159,13 @@ class ServingApp:
         try:
             status, headers, body = self._dispatch(environ, method, path, request_id)
         except Exception as exc:  # noqa: BLE001 - a bug here must still answer
-            self.log.error(f"internal error on {method} {path} [{request_id}]: {type(exc).__name__}: {exc}", _format_exc())
-            status, headers, body = self._error(500, "internal error in trainenv serving; see the server log", request_id)
+            self.log.error(
+                f"internal error on {method} {path} [{request_id}]: {type(exc).__name__}: {exc}",
+                _format_exc(),
+            )
+            status, headers, body = self._error(
+                500, "internal error in trainenv serving; see the server log", request_id
+            )
         headers.append(("Content-Length", str(len(body))))
         headers.append(("X-Request-Id", request_id))
         start_response(status_line(status), headers)
@@ -158,7 +173,9 @@ class ServingApp:
             self._access_line(environ, method, path, status, len(body), request_id)
         return [body]
 
-    def _access_line(self, environ: dict, method: str, path: str, status: int, size: int, request_id: str) -> None:
+    def _access_line(
+        self, environ: dict, method: str, path: str, status: int, size: int, request_id: str
+    ) -> None:
         health = path in self._health
         if health and not self._access_health:
             return
@@ -186,9 +203,13 @@ class ServingApp:
             return self._method_not_allowed(method, path, methods, request_id)
         return handler(environ, request_id)
 
-    def _method_not_allowed(self, method: str, path: str, methods: Dict[str, Any], request_id: str, v2: bool = False) -> Result:
+    def _method_not_allowed(
+        self, method: str, path: str, methods: Dict[str, Any], request_id: str, v2: bool = False
+    ) -> Result:
         allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
-        status, headers, body = self._error(405, f"{method} is not allowed on {_shown_path(path)}; use {', '.join(allowed)}", request_id, v2)
+        status, headers, body = self._error(
+            405, f"{method} is not allowed on {_shown_path(path)}; use {', '.join(allowed)}", request_id, v2
+        )
         headers.append(("Allow", ", ".join(allowed)))
         return status, headers, body
 
@@ -207,7 +228,9 @@ class ServingApp:
         if v2:
             body = codecs.to_json({"error": message})
         else:
-            body = codecs.to_json({"error": code or status_code_name(status), "message": message, "request_id": request_id})
+            body = codecs.to_json(
+                {"error": code or status_code_name(status), "message": message, "request_id": request_id}
+            )
         out = [_JSON_CT]
         out.extend(_user_headers(headers))
         if status == 503 and not any(k.lower() == "retry-after" for k, _ in out):
@@ -249,7 +272,9 @@ class ServingApp:
 
     def _v2_ready(self, environ: dict, request_id: str) -> Result:
         if not self._is_ready():
-            return self._error(503, f"not ready: {self._last_ready_problem or self._not_ready_reason}", request_id, v2=True)
+            return self._error(
+                503, f"not ready: {self._last_ready_problem or self._not_ready_reason}", request_id, v2=True
+            )
         return 200, [_JSON_CT], b'{"ready":true}'
 
     def _v2_metadata(self, environ: dict, request_id: str) -> Result:
@@ -277,7 +302,9 @@ class ServingApp:
             if length > limit:
                 environ["trainenv.must_close"] = True
                 _discard(environ, stream, length)
-                raise HTTPError(413, f"the body is {length} bytes; the limit is {limit} bytes (max_request_bytes)")
+                raise HTTPError(
+                    413, f"the body is {length} bytes; the limit is {limit} bytes (max_request_bytes)"
+                )
             body = stream.read(length) if length else b""
             if len(body) != length:
                 environ["trainenv.must_close"] = True
@@ -295,7 +322,9 @@ class ServingApp:
             if size > limit:
                 environ["trainenv.must_close"] = True
                 _discard(environ, stream, None)
-                raise HTTPError(413, f"the chunked body passed the limit of {limit} bytes (max_request_bytes)")
+                raise HTTPError(
+                    413, f"the chunked body passed the limit of {limit} bytes (max_request_bytes)"
+                )
             parts.append(chunk)
 
     def _content_type(self, environ: dict) -> Tuple[str, Dict[str, str]]:
@@ -307,9 +336,19 @@ class ServingApp:
             raise HTTPError(415, f"Content-Type {header!r} is not a media type")
         return parsed
 
-    def _context(self, environ: dict, request_id: str, content_type: str, accept: str, route: str, parameters: Any = None) -> RequestContext:
+    def _context(
+        self,
+        environ: dict,
+        request_id: str,
+        content_type: str,
+        accept: str,
+        route: str,
+        parameters: Any = None,
+    ) -> RequestContext:
         headers = {
-            key[5:].replace("_", "-").title(): value for key, value in environ.items() if key.startswith("HTTP_")
+            key[5:].replace("_", "-").title(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_")
         }
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
@@ -327,8 +366,12 @@ class ServingApp:
     # -- running the handler ------------------------------------------------------------------
 
     def _timeout_answer(self, request_id: str, v2: bool) -> Result:
-        self.log.warning(f"timeout [{request_id}]: no answer within {self._deadline_s:g} s; the call is still running in the background")
-        return self._error(504, f"the handler did not answer within {self._deadline_s:g} s (timeout_s)", request_id, v2)
+        self.log.warning(
+            f"timeout [{request_id}]: no answer within {self._deadline_s:g} s; the call is still running in the background"
+        )
+        return self._error(
+            504, f"the handler did not answer within {self._deadline_s:g} s (timeout_s)", request_id, v2
+        )
 
     def _on_timeout(self, environ: dict, request_id: str, v2: bool) -> Callable[[], None]:
         """Called by the watchdog when the deadline passes: answer 504 now, while the handler
@@ -348,11 +391,20 @@ class ServingApp:
             writer(status_line(status), headers, body)
             environ["trainenv.answered"] = True
             if self._access:
-                self._access_line(environ, environ.get("REQUEST_METHOD", "POST"), environ.get("PATH_INFO", ""), status, len(body), request_id)
+                self._access_line(
+                    environ,
+                    environ.get("REQUEST_METHOD", "POST"),
+                    environ.get("PATH_INFO", ""),
+                    status,
+                    len(body),
+                    request_id,
+                )
 
         return on_timeout
 
-    def _through_pool(self, environ: dict, fn: Callable, args: Tuple, request_id: str, v2: bool = False) -> Result:
+    def _through_pool(
+        self, environ: dict, fn: Callable, args: Tuple, request_id: str, v2: bool = False
+    ) -> Result:
         """Run ``fn(*args) -> (status, content type, headers, body)`` in the pool; map every failure."""
         try:
             status, content_type, extra, body = self.pool.run(
@@ -369,10 +421,22 @@ class ServingApp:
                 f"saturated [{request_id}]: {self.pool.threads} handler threads busy"
                 f" ({self.pool.overrunning} past their timeout), queue full; answered 503"
             )
-            return self._error(503, f"all {self.pool.threads} handler threads are busy and the queue is full; retry later", request_id, v2)
+            return self._error(
+                503,
+                f"all {self.pool.threads} handler threads are busy and the queue is full; retry later",
+                request_id,
+                v2,
+            )
         except DeadlineExceeded:
-            self.log.warning(f"timeout [{request_id}]: waited {self._deadline_s:g} s for a free handler thread; never started")
-            return self._error(504, f"no handler thread became free within {self._deadline_s:g} s (timeout_s)", request_id, v2)
+            self.log.warning(
+                f"timeout [{request_id}]: waited {self._deadline_s:g} s for a free handler thread; never started"
+            )
+            return self._error(
+                504,
+                f"no handler thread became free within {self._deadline_s:g} s (timeout_s)",
+                request_id,
+                v2,
+            )
         except HTTPError as exc:
             if exc.status >= 500:
                 self.log.warning(f"handler answered {exc.status} [{request_id}]: {exc.message}")
@@ -398,20 +462,32 @@ class ServingApp:
         accept_header = environ.get("HTTP_ACCEPT")
         accept = self.handler.negotiate(accept_header)
         if not accept:
-            return self._error(406, f"cannot answer in any type of Accept: {accept_header!r} (default {self.env.default_accept})", request_id)
+            return self._error(
+                406,
+                f"cannot answer in any type of Accept: {accept_header!r} (default {self.env.default_accept})",
+                request_id,
+            )
         context = (
-            self._context(environ, request_id, media_type, accept[0], "/invocations") if self.handler.wants_context else None
+            self._context(environ, request_id, media_type, accept[0], "/invocations")
+            if self.handler.wants_context
+            else None
         )
-        return self._through_pool(environ, self.handler.invoke, (body, media_type, params, accept, context), request_id)
+        return self._through_pool(
+            environ, self.handler.invoke, (body, media_type, params, accept, context), request_id
+        )
 
-    def _json_body(self, environ: dict, request_id: str, v2: bool) -> Tuple[Optional[bytes], Optional[Result]]:
+    def _json_body(
+        self, environ: dict, request_id: str, v2: bool
+    ) -> Tuple[Optional[bytes], Optional[Result]]:
         try:
             body = self._read_body(environ)
             media_type, _ = self._content_type(environ)
         except HTTPError as exc:
             return None, self._error(exc.status, exc.message, request_id, v2)
         if media_type != codecs.JSON and not media_type.endswith("+json"):
-            return None, self._error(415, f"Content-Type must be application/json, got {media_type}", request_id, v2)
+            return None, self._error(
+                415, f"Content-Type must be application/json, got {media_type}", request_id, v2
+            )
         return body, None
 
     def _vertex_predict(self, environ: dict, request_id: str) -> Result:
@@ -439,7 +515,12 @@ class ServingApp:
             return self._error(404, f"no route {_shown_path(path)}", request_id, v2=True)
         name, version, action = match.groups()
         if name != self.env.model_name:
-            return self._error(404, f"model {name!r} not found; this server serves {self.env.model_name!r}", request_id, v2=True)
+            return self._error(
+                404,
+                f"model {name!r} not found; this server serves {self.env.model_name!r}",
+                request_id,
+                v2=True,
+            )
         wanted = "POST" if action == "/infer" else "GET"
         if (method if method != "HEAD" else "GET") != wanted:
             return self._method_not_allowed(method, path, {wanted: None}, request_id, v2=True)
@@ -459,22 +540,33 @@ class ServingApp:
         body, failure = self._json_body(environ, request_id, v2=True)
         if failure is not None:
             return failure
-        return self._through_pool(environ, self._v2_job, (body, version, environ, request_id), request_id, v2=True)
+        return self._through_pool(
+            environ, self._v2_job, (body, version, environ, request_id), request_id, v2=True
+        )
 
-    def _v2_job(self, body: bytes, version: Optional[str], environ: dict, request_id: str) -> Tuple[int, str, tuple, bytes]:
+    def _v2_job(
+        self, body: bytes, version: Optional[str], environ: dict, request_id: str
+    ) -> Tuple[int, str, tuple, bytes]:
         request = protocols.V2Request(body)
         context = None
         if self.handler.wants_context:
             context = self._context(environ, request_id, codecs.JSON, codecs.JSON, "v2", request.parameters)
         prediction = self.handler.predict_objects(request.data, context)
         try:
-            return 200, codecs.JSON, (), protocols.v2_response(request, prediction, self.env.model_name, version)
+            return (
+                200,
+                codecs.JSON,
+                (),
+                protocols.v2_response(request, prediction, self.env.model_name, version),
+            )
         except TypeError as exc:
             raise HookError("predict_fn", exc) from None
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+\Z")
-_HOP_BY_HOP = frozenset(("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length"))
+_HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length")
+)
 
 
 def _user_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
@@ -491,7 +583,11 @@ def _socket_writer(sock: Any) -> Callable[[str, List[Tuple[str, str]], bytes], N
     """Write a complete ``Connection: close`` answer on a raw socket, then shut it down."""
 
     def write(status_text: str, headers: List[Tuple[str, str]], body: bytes) -> None:
-        lines = [f"HTTP/1.1 {status_text}"] + [f"{name}: {value}" for name, value in headers] + ["Connection: close", "", ""]
+        lines = (
+            [f"HTTP/1.1 {status_text}"]
+            + [f"{name}: {value}" for name, value in headers]
+            + ["Connection: close", "", ""]
+        )
         try:
             sock.sendall("\r\n".join(lines).encode("latin-1") + body)
             sock.shutdown(2)  # socket.SHUT_RDWR

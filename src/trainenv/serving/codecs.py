@@ -75,14 +75,18 @@ def decode_text(body: bytes, media_type: str, params: Dict[str, str]) -> str:
     try:
         return body.decode(charset)
     except UnicodeDecodeError as exc:
-        raise BadRequest(f"body is not valid {charset} (byte {exc.start}): Content-Type {media_type}") from None
+        raise BadRequest(
+            f"body is not valid {charset} (byte {exc.start}): Content-Type {media_type}"
+        ) from None
 
 
 def _json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise BadRequest(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
 
 
 def _jsonlines(text: str) -> List[Any]:
@@ -92,7 +96,9 @@ def _jsonlines(text: str) -> List[Any]:
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise BadRequest(f"body is not valid JSON Lines: line {number}: {exc.msg} at column {exc.colno}") from None
+                raise BadRequest(
+                    f"body is not valid JSON Lines: line {number}: {exc.msg} at column {exc.colno}"
+                ) from None
     return items
 
 

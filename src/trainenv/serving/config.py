@@ -151,7 +151,9 @@ def _seconds(name: str, value: str, minimum: float, allow_zero: bool = False) ->
     ok = math.isfinite(number) and (number > minimum or (allow_zero and number == minimum))
     if not ok:
         bound = f">= {minimum:g}" if allow_zero else f"> {minimum:g}"
-        raise ConfigError.at(name, None, f"{shown(value)} is not a number of seconds (expected a number {bound})")
+        raise ConfigError.at(
+            name, None, f"{shown(value)} is not a number of seconds (expected a number {bound})"
+        )
     return number
 
 
@@ -172,7 +174,7 @@ def _resolve_model_dir(environ: Mapping[str, str], layout: Layout) -> Path:
         return Path(explicit)
     storage = environ.get("AIP_STORAGE_URI", "").strip()
     if storage.startswith("file://"):
-        return Path(storage[len("file://"):])
+        return Path(storage[len("file://") :])
     if storage.startswith("/"):
         return Path(storage)
     sm_model_dir = environ.get("SM_MODEL_DIR", "").strip()
@@ -192,7 +194,9 @@ def _resolve_handler(
         raise ConfigError.at(name, None, f"{shown(value)} is not a module name or a .py file")
     if _is_file_name(value):
         if not value.endswith(".py"):
-            raise ConfigError.at(name, None, f"{shown(value)} is not a .py file (a file handler must end in .py)")
+            raise ConfigError.at(
+                name, None, f"{shown(value)} is not a .py file (a file handler must end in .py)"
+            )
         path = Path(value)
         files = (path,) if path.is_absolute() else tuple(d / path for d in dirs)
         return value, name, files, dirs
@@ -220,7 +224,9 @@ def _resolve_log_level(environ: Mapping[str, str]) -> str:
     if level == "CRITICAL":
         level = "ERROR"
     if level not in LOG_LEVELS:
-        raise ConfigError.at(name, None, f"{shown(value)} is not a log level (one of {', '.join(LOG_LEVELS)})")
+        raise ConfigError.at(
+            name, None, f"{shown(value)} is not a log level (one of {', '.join(LOG_LEVELS)})"
+        )
     return level
 
 
@@ -232,7 +238,9 @@ def _resolve_bool(environ: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if value in _FALSE:
         return False
-    raise ConfigError.at(name, None, f"{shown(environ[name])} is not a boolean (true/false, 1/0, yes/no, on/off)")
+    raise ConfigError.at(
+        name, None, f"{shown(environ[name])} is not a boolean (true/false, 1/0, yes/no, on/off)"
+    )
 
 
 def resolve_serving_env(
@@ -255,7 +263,11 @@ def resolve_serving_env(
 
     name, value = _first(
         environ,
-        ("TRAINENV_SERVING_TIMEOUT", "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", "SAGEMAKER_MODEL_SERVER_TIMEOUT"),
+        (
+            "TRAINENV_SERVING_TIMEOUT",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",
+            "SAGEMAKER_MODEL_SERVER_TIMEOUT",
+        ),
     )
     timeout_s = _seconds(name, value, 0.0) if name and value else DEFAULT_TIMEOUT_S
 
@@ -276,7 +288,9 @@ def resolve_serving_env(
             except ValueError:
                 mib = math.nan
             if not (math.isfinite(mib) and mib > 0):
-                raise ConfigError.at(name, None, f"{shown(value)} is not a size in MiB (expected a number > 0)")
+                raise ConfigError.at(
+                    name, None, f"{shown(value)} is not a size in MiB (expected a number > 0)"
+                )
             max_request_bytes = max(1, int(mib * MIB))
         else:
             max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
@@ -286,7 +300,9 @@ def resolve_serving_env(
         return _int(var, raw, minimum, None, what) if raw else default
 
     max_queue = optional_int("TRAINENV_SERVING_MAX_QUEUE", DEFAULT_MAX_QUEUE, 0, "a queue length")
-    max_connections = optional_int("TRAINENV_SERVING_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, "a connection count")
+    max_connections = optional_int(
+        "TRAINENV_SERVING_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, 1, "a connection count"
+    )
     backlog = optional_int("TRAINENV_SERVING_BACKLOG", DEFAULT_BACKLOG, MIN_BACKLOG, "a listen backlog")
 
     def optional_seconds(var: str, default: float) -> float:
@@ -300,20 +316,28 @@ def resolve_serving_env(
     if name and value:
         default_accept = value.split(";", 1)[0].strip().lower()
         if not _MEDIA_TYPE.match(default_accept) or "*" in default_accept:
-            raise ConfigError.at(name, None, f"{shown(value)} is not a concrete media type such as application/json")
+            raise ConfigError.at(
+                name, None, f"{shown(value)} is not a concrete media type such as application/json"
+            )
     else:
         default_accept = DEFAULT_ACCEPT
 
     model_dir = _resolve_model_dir(environ, layout)
-    handler, handler_source, handler_files, handler_dirs = _resolve_handler(environ, model_dir, layout.code_dir)
+    handler, handler_source, handler_files, handler_dirs = _resolve_handler(
+        environ, model_dir, layout.code_dir
+    )
 
     server = environ.get("TRAINENV_SERVER", "").strip().lower() or "stdlib"
     if server not in SERVERS:
-        raise ConfigError.at("TRAINENV_SERVER", None, f"{shown(environ['TRAINENV_SERVER'])} is not one of {', '.join(SERVERS)}")
+        raise ConfigError.at(
+            "TRAINENV_SERVER", None, f"{shown(environ['TRAINENV_SERVER'])} is not one of {', '.join(SERVERS)}"
+        )
 
     model_name = environ.get("TRAINENV_SERVING_MODEL_NAME", "").strip() or DEFAULT_MODEL_NAME
     if not _MODEL_NAME.match(model_name) or len(model_name) > 128:
-        raise ConfigError.at("TRAINENV_SERVING_MODEL_NAME", None, f"{shown(model_name)} is not a model name ([A-Za-z0-9_.-])")
+        raise ConfigError.at(
+            "TRAINENV_SERVING_MODEL_NAME", None, f"{shown(model_name)} is not a model name ([A-Za-z0-9_.-])"
+        )
 
     return ServingEnv(
         host=host,

@@ -130,20 +130,26 @@ def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
     return EXIT_INTERNAL
 
 
-def _load_worker_app(env: ServingEnv, hooks: Any, slog: ServingLog, reason: mmap.mmap, app_import_error: Any) -> Any:
+def _load_worker_app(
+    env: ServingEnv, hooks: Any, slog: ServingLog, reason: mmap.mmap, app_import_error: Any
+) -> Any:
     """In a worker: load the model (heartbeat running), build the app. Runs before the worker accepts."""
     from trainenv.serving.app import ServingApp
     from trainenv.serving.handler import Handler, HandlerError
 
     worker = _current_worker.get("worker")
     done = threading.Event()
-    deadline: Optional[float] = None if env.startup_timeout_s is None else time.monotonic() + env.startup_timeout_s
+    deadline: Optional[float] = (
+        None if env.startup_timeout_s is None else time.monotonic() + env.startup_timeout_s
+    )
 
     def heartbeat() -> None:
         while not done.wait(1.0):
             if deadline is not None and time.monotonic() > deadline:
-                slog.error(f"the model was not ready within the start-up timeout of {env.startup_timeout_s:g} s "
-                           "(TRAINENV_SERVING_STARTUP_TIMEOUT); exiting")
+                slog.error(
+                    f"the model was not ready within the start-up timeout of {env.startup_timeout_s:g} s "
+                    "(TRAINENV_SERVING_STARTUP_TIMEOUT); exiting"
+                )
                 reason[0] = _REASON_STARTUP_TIMEOUT
                 sys.stderr.flush()
                 os._exit(4)

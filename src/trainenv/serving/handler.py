@@ -111,17 +111,25 @@ def import_handler(env: ServingEnv) -> Tuple[ModuleType, str]:
                 raise HandlerError(
                     f"{env.handler_source}: handler module {name!r} not found on sys.path (looked in {dirs} first)"
                 ) from None
-            raise HandlerError(f"cannot import handler module {name!r}: {_describe(exc)}", _traceback()) from None
+            raise HandlerError(
+                f"cannot import handler module {name!r}: {_describe(exc)}", _traceback()
+            ) from None
         except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            raise HandlerError(f"cannot import handler module {name!r}: {_describe(exc)}", _traceback()) from None
+            raise HandlerError(
+                f"cannot import handler module {name!r}: {_describe(exc)}", _traceback()
+            ) from None
         return module, f"module {name} ({getattr(module, '__file__', '?')})"
 
     path = find_handler_file(env)
     if path is None:
         looked = ", ".join(str(p) for p in env.handler_files)
-        hint = "set TRAINENV_SERVING_MODULE" if env.handler_source == "default" else f"check {env.handler_source}"
+        hint = (
+            "set TRAINENV_SERVING_MODULE"
+            if env.handler_source == "default"
+            else f"check {env.handler_source}"
+        )
         raise HandlerError(f"no handler module: none of {looked} exists; {hint}")
     _prepend_path([path.parent, *env.handler_dirs])
     name = path.stem if path.stem.isidentifier() else "trainenv_handler"
@@ -165,7 +173,7 @@ def _positional(fn: Callable) -> Tuple[int, int, bool, bool]:
     code = getattr(target, "__code__", None)
     if isinstance(target, types.FunctionType) and code is not None and not hasattr(target, "__wrapped__"):
         count = code.co_argcount
-        kwonly = code.co_varnames[count:count + code.co_kwonlyargcount]
+        kwonly = code.co_varnames[count : count + code.co_kwonlyargcount]
         kwdefaults = target.__kwdefaults__ or {}
         required = count - len(target.__defaults__ or ()) - bound
         required += 99 * sum(1 for n in kwonly if n not in kwdefaults and n != "context")
@@ -205,7 +213,7 @@ class Hooks:
             if fn is None:
                 continue
             if not callable(fn):
-                raise HandlerError(f"{origin}: {name} is a {type(fn).__name__}, not a function")
+                raise HandlerError(f"{origin}: {name} is not a function (it is a {type(fn).__name__} value)")
             required, allowed, var, named_context = _positional(fn)
             expected = f"{name}({', '.join(params)})"
             with_context = name in CONTEXT_HOOKS and (named_context or (allowed > len(params) and not var))
@@ -225,7 +233,9 @@ class Hooks:
 
     def summary(self) -> str:
         """``user: model_fn, predict_fn; default: input_fn, output_fn``."""
-        per_request = ["transform_fn"] if "transform_fn" in self.user else ["input_fn", "predict_fn", "output_fn"]
+        per_request = (
+            ["transform_fn"] if "transform_fn" in self.user else ["input_fn", "predict_fn", "output_fn"]
+        )
         names = ["model_fn", *per_request]
         user = [n for n in HOOK_PARAMS if n in self.user]
         default = [n for n in names if n not in self.user]
@@ -361,7 +371,9 @@ class Handler:
         except ValueError:
             raise HookError("transform_fn", ValueError("did not return JSON for application/json")) from None
 
-    def _encode(self, prediction: Any, accept: List[str]) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
+    def _encode(
+        self, prediction: Any, accept: List[str]
+    ) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
         problems = []
         for media_type in accept:
             try:
@@ -370,7 +382,9 @@ class Handler:
                 problems.append(f"{media_type}: {exc}")
         raise HookError(
             "output_fn (default)",
-            TypeError(f"the prediction ({type(prediction).__name__}) cannot be written as any accepted type ({'; '.join(problems)})"),
+            TypeError(
+                f"the prediction ({type(prediction).__name__}) cannot be written as any accepted type ({'; '.join(problems)})"
+            ),
         )
 
     def execution_parameters(self) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
@@ -381,7 +395,11 @@ class Handler:
 
 
 def _with_charset(media_type: str) -> str:
-    return f"{media_type}; charset=utf-8" if media_type.startswith("text/") and ";" not in media_type else media_type
+    return (
+        f"{media_type}; charset=utf-8"
+        if media_type.startswith("text/") and ";" not in media_type
+        else media_type
+    )
 
 
 def _normalize(hook: str, result: Any, accept: str) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
@@ -397,5 +415,7 @@ def _normalize(hook: str, result: Any, accept: str) -> Tuple[int, str, Tuple[Tup
         return 200, content_type, (), bytes(result)
     raise HookError(
         hook,
-        TypeError(f"returned a {type(result).__name__}; return bytes, str, (body, content_type) or trainenv.serving.Response"),
+        TypeError(
+            f"returned a {type(result).__name__}; return bytes, str, (body, content_type) or trainenv.serving.Response"
+        ),
     )

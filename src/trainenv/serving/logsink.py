@@ -33,7 +33,9 @@ def stderr_sink(line: str) -> None:
 class ServingLog:
     """Levelled, redacted lines to one sink; safe to call from any thread."""
 
-    def __init__(self, sink: Optional[Callable[[str], None]], level: str = "INFO", secrets: Sequence[str] = ()) -> None:
+    def __init__(
+        self, sink: Optional[Callable[[str], None]], level: str = "INFO", secrets: Sequence[str] = ()
+    ) -> None:
         self.sink = sink or stderr_sink
         self.threshold = LEVELS.get(level, 20)
         self.secrets = tuple(secrets)

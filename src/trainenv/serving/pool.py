@@ -83,7 +83,9 @@ class InlineRunner:
     def overrunning(self) -> int:
         return self._overrunning
 
-    def run(self, fn: Callable, args: Tuple, deadline: float, on_timeout: Optional[Callable[[], None]] = None) -> Any:
+    def run(
+        self, fn: Callable, args: Tuple, deadline: float, on_timeout: Optional[Callable[[], None]] = None
+    ) -> Any:
         ticket = _Ticket(deadline, on_timeout)
         key = id(ticket)
         with self._lock:

@@ -63,7 +63,9 @@ def vertex_response(prediction: Any) -> bytes:
     if isinstance(plain, tuple):
         plain = list(plain)
     if not isinstance(plain, list):
-        raise TypeError(f"for Vertex AI, predict_fn must return a list (one prediction per instance), got {type(prediction).__name__}")
+        raise TypeError(
+            f"for Vertex AI, predict_fn must return a list (one prediction per instance), got {type(prediction).__name__}"
+        )
     try:
         return codecs.to_json({"predictions": plain})
     except codecs.CannotEncode as exc:
@@ -87,7 +89,7 @@ def _reshape(flat: Sequence[Any], shape: Sequence[int]) -> Any:
     if len(shape) == 1:
         return list(flat)
     step = len(flat) // shape[0] if shape[0] else 0
-    return [_reshape(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+    return [_reshape(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
 
 
 def _check_scalar(value: Any, datatype: str) -> bool:
@@ -117,7 +119,9 @@ def _parse_input(index: int, spec: Any) -> Tuple[str, Any]:
     ):
         raise BadRequest(f'{where}: "shape" must be a list of non-negative integers')
     if datatype not in DATATYPES:
-        raise BadRequest(f'{where}: "datatype" must be one of {", ".join(sorted(DATATYPES))}, got {datatype!r}')
+        raise BadRequest(
+            f'{where}: "datatype" must be one of {", ".join(sorted(DATATYPES))}, got {datatype!r}'
+        )
     if "data" not in spec:
         raise BadRequest(f'{where}: "data" is missing')
     flat: List[Any] = []
@@ -152,7 +156,9 @@ class V2Request:
         requested: List[str] = []
         outputs = document.get("outputs")
         if outputs is not None:
-            if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+            if not isinstance(outputs, list) or not all(
+                isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs
+            ):
                 raise BadRequest('"outputs" must be a list of {"name": ...} objects')
             requested = [o["name"] for o in outputs]
         self.id: Optional[str] = request_id

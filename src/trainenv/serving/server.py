@@ -39,7 +39,13 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
-from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError, TrainenvError
+from trainenv.errors import (
+    EXIT_CONFIG,
+    EXIT_INTERNAL,
+    EXIT_TIMEOUT,
+    ConfigError,
+    TrainenvError,
+)
 from trainenv.redact import secret_values
 from trainenv.serving.config import ServingEnv
 from trainenv.serving.logsink import ServingLog
@@ -53,7 +59,9 @@ def bind_socket(env: ServingEnv) -> socket.socket:
     try:
         infos = socket.getaddrinfo(env.host, env.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError.at("TRAINENV_SERVING_HOST", None, f"cannot resolve {env.host!r}: {exc.strerror}") from None
+        raise ConfigError.at(
+            "TRAINENV_SERVING_HOST", None, f"cannot resolve {env.host!r}: {exc.strerror}"
+        ) from None
     family, socktype, proto, _, address = infos[0]
     sock = socket.socket(family, socktype, proto)
     try:
@@ -68,11 +76,17 @@ def bind_socket(env: ServingEnv) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError.at(port_var, None, f"port {env.port} on {env.host} is already in use; choose another port") from None
+            raise ConfigError.at(
+                port_var, None, f"port {env.port} on {env.host} is already in use; choose another port"
+            ) from None
         if exc.errno == errno.EACCES:
-            raise ConfigError.at(port_var, None, f"port {env.port} needs privileges this process lacks; use a port >= 1024") from None
+            raise ConfigError.at(
+                port_var, None, f"port {env.port} needs privileges this process lacks; use a port >= 1024"
+            ) from None
         if exc.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError.at("TRAINENV_SERVING_HOST", None, f"{env.host!r} is not an address of this machine") from None
+            raise ConfigError.at(
+                "TRAINENV_SERVING_HOST", None, f"{env.host!r} is not an address of this machine"
+            ) from None
         raise
     sock.set_inheritable(True)
     return sock
@@ -84,7 +98,11 @@ def _url(sock: socket.socket) -> str:
 
 
 def _settings_line(env: ServingEnv) -> str:
-    processes = f"{env.workers} workers x {env.threads} threads" if env.server == "gunicorn" else f"{env.threads} handler threads"
+    processes = (
+        f"{env.workers} workers x {env.threads} threads"
+        if env.server == "gunicorn"
+        else f"{env.threads} handler threads"
+    )
     return (
         f"server {env.server}, {processes}, timeout {env.timeout_s:g} s, max body {env.max_request_bytes} bytes, "
         f"queue {env.max_queue}, grace {env.grace_s:g} s, model dir {env.model_dir}"
@@ -149,7 +167,9 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
     sock = bind_socket(env)
     slog.info(f"listening on {_url(sock)} ({_settings_line(env)})")
     if env.workers > 1:
-        slog.debug(f"the stdlib server is one process; workers={env.workers} applies to TRAINENV_SERVER=gunicorn")
+        slog.debug(
+            f"the stdlib server is one process; workers={env.workers} applies to TRAINENV_SERVER=gunicorn"
+        )
     events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
     with _Signals(events):
         try:
@@ -159,8 +179,14 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
             raise
         handler = Handler(hooks, env)
         app = ServingApp(env, handler, slog)
-        server = StdlibServer(sock, app, slog, max_connections=env.max_connections,
-                              keepalive_s=env.keepalive_s, read_timeout_s=env.read_timeout_s)
+        server = StdlibServer(
+            sock,
+            app,
+            slog,
+            max_connections=env.max_connections,
+            keepalive_s=env.keepalive_s,
+            read_timeout_s=env.read_timeout_s,
+        )
         threading.Thread(target=server.serve_forever, name="trainenv-accept", daemon=True).start()
 
         def load() -> None:
@@ -171,7 +197,14 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
             except BaseException as exc:  # noqa: BLE001
                 import traceback
 
-                events.put(("failed", HandlerError(f"loading the model failed: {type(exc).__name__}: {exc}", traceback.format_exc())))
+                events.put(
+                    (
+                        "failed",
+                        HandlerError(
+                            f"loading the model failed: {type(exc).__name__}: {exc}", traceback.format_exc()
+                        ),
+                    )
+                )
             else:
                 events.put(("loaded", seconds))
 
@@ -183,8 +216,10 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
             try:
                 event = events.get(timeout=timeout)
             except queue.Empty:
-                slog.error(f"the model was not ready within the start-up timeout of {env.startup_timeout_s:g} s "
-                           "(TRAINENV_SERVING_STARTUP_TIMEOUT); exiting")
+                slog.error(
+                    f"the model was not ready within the start-up timeout of {env.startup_timeout_s:g} s "
+                    "(TRAINENV_SERVING_STARTUP_TIMEOUT); exiting"
+                )
                 app.set_failed("start-up timeout")
                 server.stop_accepting()
                 return EXIT_TIMEOUT
@@ -204,7 +239,9 @@ def _run_stdlib(env: ServingEnv, slog: ServingLog) -> int:
         return exit_code
 
 
-def _drain(env: ServingEnv, server: Any, app: Any, events: "queue.SimpleQueue[Any]", signum: int, slog: ServingLog) -> int:
+def _drain(
+    env: ServingEnv, server: Any, app: Any, events: "queue.SimpleQueue[Any]", signum: int, slog: ServingLog
+) -> int:
     name = signal.Signals(signum).name
     slog.info(f"{name}: stopping; {server.busy} requests in flight get up to {env.grace_s:g} s to finish")
     app.set_draining()

@@ -142,7 +142,11 @@ class _ChunkedBody:
             raise HTTPError(400, "malformed chunked body: bad chunk size line")
         size_text = line.split(b";", 1)[0].strip()
         try:
-            size = int(size_text, 16) if size_text and all(c in b"0123456789abcdefABCDEF" for c in size_text) else -1
+            size = (
+                int(size_text, 16)
+                if size_text and all(c in b"0123456789abcdefABCDEF" for c in size_text)
+                else -1
+            )
         except ValueError:
             size = -1
         if size < 0:
@@ -243,8 +247,16 @@ def _environ_key(name: bytes) -> Optional[str]:
 class StdlibServer:
     """Serve ``app`` on the bound, listening ``sock`` (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, app: Callable, log: ServingLog, *, max_connections: int,
-                 keepalive_s: float, read_timeout_s: float) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        app: Callable,
+        log: ServingLog,
+        *,
+        max_connections: int,
+        keepalive_s: float,
+        read_timeout_s: float,
+    ) -> None:
         self.sock = sock
         self.app = app
         self.log = log
@@ -293,6 +305,11 @@ class StdlibServer:
                     self._accept_ready()
         finally:
             selector.close()
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
             try:
                 self.sock.close()
             except OSError:
@@ -316,8 +333,9 @@ class StdlibServer:
             connection = _Connection(conn)
             with self._lock:
                 self._connections[id(connection)] = connection
-            thread = threading.Thread(target=self._serve_connection, args=(connection, address),
-                                      name="trainenv-http", daemon=True)
+            thread = threading.Thread(
+                target=self._serve_connection, args=(connection, address), name="trainenv-http", daemon=True
+            )
             try:
                 thread.start()
             except RuntimeError:
@@ -336,6 +354,9 @@ class StdlibServer:
 
     def stop_accepting(self) -> None:
         """Close the listening socket: new connections are refused from now on."""
+        if not self._accepting:
+            self.stopped.wait(5.0)
+            return
         self._accepting = False
         try:
             os.write(self._wake_w, b"x")
@@ -456,8 +477,10 @@ class StdlibServer:
             if not captured:
                 raise RuntimeError("the WSGI app returned without calling start_response")
         except Exception as exc:  # noqa: BLE001 - the app failed outside its own error handling
-            self.log.error(f"the WSGI app failed on {environ['REQUEST_METHOD']} {environ['PATH_INFO'][:200]!r}: "
-                           f"{type(exc).__name__}: {exc}")
+            self.log.error(
+                f"the WSGI app failed on {environ['REQUEST_METHOD']} {environ['PATH_INFO'][:200]!r}: "
+                f"{type(exc).__name__}: {exc}"
+            )
             self._send_error(sock, 500, "internal error in the server; see the server log")
             return False
         if environ.get("trainenv.answered") or connection.answered:
@@ -492,7 +515,9 @@ class StdlibServer:
             return False
         return True
 
-    def _parse(self, sock: socket.socket, rfile: Any, line: bytes, remote: str) -> Tuple[dict, Any, bool, bool]:
+    def _parse(
+        self, sock: socket.socket, rfile: Any, line: bytes, remote: str
+    ) -> Tuple[dict, Any, bool, bool]:
         if len(line) > MAX_LINE:
             raise _Reject(414, "the request line is too long")
         if not line.endswith(b"\n"):
@@ -606,7 +631,11 @@ class StdlibServer:
                 if remaining <= 0:
                     return
                 sock.settimeout(min(remaining, 1.0))
-                data = rfile.read1(min(budget, 65536)) if hasattr(rfile, "read1") else rfile.read(min(budget, 65536))
+                data = (
+                    rfile.read1(min(budget, 65536))
+                    if hasattr(rfile, "read1")
+                    else rfile.read(min(budget, 65536))
+                )
                 if not data:
                     return
                 budget -= len(data)
@@ -614,7 +643,9 @@ class StdlibServer:
             return
 
 
-def _head(status_text: str, headers: List[Tuple[str, str]], length: int, no_body: bool, close: bool, http10: bool) -> bytes:
+def _head(
+    status_text: str, headers: List[Tuple[str, str]], length: int, no_body: bool, close: bool, http10: bool
+) -> bytes:
     """Status line and headers, with ``Date``, ``Server``, ``Content-Length`` and ``Connection``."""
     out = [f"HTTP/1.1 {status_text}\r\n".encode("latin-1"), _date_header(), _SERVER_HEADER]
     has_length = False
