@@ -458,22 +458,37 @@ exec ip netns exec "$ns" unshare --uts --mount -- /bin/sh -c {shlex.quote(inner)
 # -- Open MPI --------------------------------------------------------------------------------
 
 
-def write_rsh_agent(path: Path, cluster: Optional[NetnsCluster] = None, *, log: Optional[Path] = None) -> Path:
+LOGIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def write_rsh_agent(
+    path: Path, cluster: Optional[NetnsCluster] = None, *, log: Optional[Path] = None, login_env: bool = False
+) -> Path:
     """Write an Open MPI ``plm_rsh_agent`` that runs ``agent [-opts] HOST CMD...`` without ssh.
 
     Without ``cluster`` (loopback mode) every host is this machine: ``CMD`` runs here. With a
     :class:`NetnsCluster`, HOST must be one of its node names and ``CMD`` runs on that node.
-    With ``log``, each call appends the HOST it was asked for to that file.
+    With ``log``, each call appends the HOST it was asked for to that file. With
+    ``login_env``, CMD starts from the bare environment an ssh login gets (``HOME``, ``USER``,
+    ``LOGNAME``, ``SHELL``, a default ``PATH``), not from mpirun's: what the ranks there see
+    beyond that is only what ``mpirun -x`` exported, as on a real cluster.
     """
     record = f'echo "$host" >> {shlex.quote(str(log))}\n' if log is not None else ""
+    shell = "/bin/sh"
+    if login_env:
+        import pwd
+
+        user = pwd.getpwuid(os.getuid())
+        name, home = shlex.quote(user.pw_name), shlex.quote(user.pw_dir)
+        shell = f"env -i HOME={home} USER={name} LOGNAME={name} SHELL=/bin/sh PATH={LOGIN_PATH} /bin/sh"
     if cluster is None:
-        run = 'exec /bin/sh -c "$*"'
+        run = f'exec {shell} -c "$*"'
     else:
         cases = "\n".join(f"  {shlex.quote(name)}) node={i};;" for i, name in enumerate(cluster.hostnames))
         run = (
             f'case "$host" in\n{cases}\n'
             '  *) echo "fake-rsh: unknown host $host" >&2; exit 255;;\nesac\n'
-            f'exec {shlex.quote(str(cluster.node_exec))} "$node" /bin/sh -c "$*"'
+            f'exec {shlex.quote(str(cluster.node_exec))} "$node" {shell} -c "$*"'
         )
     return write_script(
         path,

@@ -9,6 +9,8 @@ properties. The harness's own mechanics (teardown, deadlines) are fast and alway
 from __future__ import annotations
 
 import importlib.util
+import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -223,3 +225,17 @@ def test_netns_setup_failure_still_tears_down(tmp_path, monkeypatch):
             pass  # pragma: no cover
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in cluster.namespaces)
+
+
+def test_login_env_agent_starts_the_command_from_a_bare_environment(tmp_path):
+    """Like sshd: the remote command sees a login environment, not the caller's variables."""
+    agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log", login_env=True)
+    env = clean_env(tmp_path, CALLER_ONLY="leaked", PATH="/nowhere:" + os.environ.get("PATH", ""))
+    done = subprocess.run(
+        [str(agent), "-x", "fakenode1", 'echo "[$CALLER_ONLY]" "$PATH" "$HOME"'],
+        env=env, capture_output=True, text=True, timeout=10,
+    )
+    assert done.returncode == 0, done.stderr
+    seen, path, home = done.stdout.split()
+    assert seen == "[]" and "/nowhere" not in path and home == pwd.getpwuid(os.getuid()).pw_dir
+    assert (tmp_path / "agent.log").read_text().split() == ["fakenode1"]

@@ -6,9 +6,11 @@
 4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile;
 5. log a short, redacted start-up summary;
 6. install the requirements (``trainenv.install``);
-7. several nodes: wait for the peers (``trainenv.distributed``);
+7. torchrun/mpi: check the engine, wait for the peers; on node 0 of an MPI job, wait for every
+   other node (``trainenv.distributed.prepare_nodes``);
 8. run the plan under the supervisor (``trainenv.supervisor``);
-9. classify the outcome, write ``output/failure`` on failure, return the exit status.
+9. classify the outcome, write ``output/failure`` on failure, return the exit status (node 0 of
+   an MPI job also sends it, with the failure file, to the other nodes).
 
 Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69); anything
 else is an ``InternalError`` (70) whose traceback goes to the log and the failure file.
@@ -59,8 +61,15 @@ class Launch:
         self.secrets = secret_values(environ)
         self.console: Console = console_for(environ, self.secrets)
         self.failure_before: FileState = file_state(str(self.layout.failure_file))
+        self.nodes: Any = None  # node 0 of a multi-node MPI job: its link to the other nodes
 
     def run(self, dry_run: bool = False) -> int:
+        code = self._run(dry_run)
+        if self.nodes is not None:  # tell the other nodes how the job ended (trainenv.distributed)
+            self.nodes.finish(code, str(self.layout.failure_file))
+        return code
+
+    def _run(self, dry_run: bool) -> int:
         try:
             return self._sequence(dry_run)
         except TrainenvError as exc:
@@ -92,10 +101,10 @@ class Launch:
             self.console.info(line)
         if settings.install:
             self._install(plan)
-        if plan.peers:
-            from trainenv.distributed import wait_for_peers
+        if settings.distribution != "none":
+            from trainenv.distributed import prepare_nodes
 
-            wait_for_peers(plan.peers, settings.peer_timeout_seconds, self.console)
+            self.nodes = prepare_nodes(env, plan, self.console)
         return self._supervise(plan)
 
     def _prepare(self, plan: Any) -> None:
