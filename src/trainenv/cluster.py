@@ -254,17 +254,7 @@ def _from_trainenv(
         raise ConfigError.at(
             where[0], where[1], f"{_show(current)} is not in {hosts_from} {_show(list(hosts))}{hint}"
         )
-    return Cluster(
-        hosts=hosts,
-        current_host=current,
-        node_rank=hosts.index(current),
-        num_nodes=len(hosts),
-        master_addr=hosts[0],
-        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
-        network_interface=None,
-        nproc_per_node=_nproc_per_node(environ),
-        source="trainenv",
-    )
+    return _listed_cluster(environ, hosts, current, None, "trainenv")
 
 
 def _from_resource_config(
@@ -293,6 +283,13 @@ def _from_resource_config(
         raise ConfigError.at(
             source, "network_interface_name", f"{_show(nic)} is not an interface name"
         )
+    return _listed_cluster(environ, hosts, current, nic, "resourceconfig")
+
+
+def _listed_cluster(
+    environ: Mapping[str, str], hosts: Tuple[str, ...], current: str, nic: Optional[str], source: str
+) -> Cluster:
+    """A cluster from an explicit host list: node 0 is the first host."""
     return Cluster(
         hosts=hosts,
         current_host=current,
@@ -302,7 +299,7 @@ def _from_resource_config(
         master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
         network_interface=nic,
         nproc_per_node=_nproc_per_node(environ),
-        source="resourceconfig",
+        source=source,
     )
 
 
