@@ -9,7 +9,7 @@ discovery that tried to write a platform value would fail every test.
 from __future__ import annotations
 
 import copy
-import dataclasses
+from trainenv.record import FrozenRecordError, replace
 import json
 from types import MappingProxyType
 
@@ -263,7 +263,7 @@ def test_vertex_tf_job_sets_both_and_they_agree():
     both = discover({"TF_CONFIG": tf, "CLUSTER_SPEC": vertex("workerpool1", 0)})
     only_spec = discover({"CLUSTER_SPEC": vertex("workerpool1", 0)})
     assert both.source == "TF_CONFIG"
-    assert dataclasses.replace(both, source="CLUSTER_SPEC") == only_spec
+    assert replace(both, source="CLUSTER_SPEC") == only_spec
 
 
 def test_tf_evaluator_outside_the_cluster_falls_through_to_cluster_spec():
@@ -401,7 +401,7 @@ def test_cluster_is_a_frozen_read_only_mapping():
     c = discover(KF_V1_WORKER1)
     assert dict(c)["node_rank"] == 2
     assert json.loads(c.to_json())["hosts"] == []
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenRecordError):
         c.node_rank = 0  # type: ignore[misc]
     with pytest.raises(ValueError, match="node_rank"):
         Cluster(("a", "b"), "a", 5, 2, "a", None, None, None, "trainenv")

@@ -7,7 +7,7 @@ local mode, "building reads and never writes", and bad cluster / cgroup / GPU in
 
 from __future__ import annotations
 
-import dataclasses
+from trainenv.record import FrozenRecordError, fields
 import json
 import os
 from pathlib import Path
@@ -94,9 +94,9 @@ MAPPING_FIELDS = ("hyperparameters", "framework_parameters", "channel_dirs", "in
 
 def test_snapshot_is_frozen(research_tree):
     env = build(research_tree)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenRecordError):
         env.num_cpus = 99  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenRecordError):
         del env.hosts  # type: ignore[misc]
     for name in MAPPING_FIELDS:
         mapping = env[name]
@@ -135,9 +135,9 @@ def test_nested_values_are_read_only_too(research_tree, mutate):
 
 def test_snapshot_is_a_mapping(research_tree):
     env = build(research_tree)
-    fields = [f.name for f in dataclasses.fields(TrainingEnv)]
+    names = list(fields(TrainingEnv))
     as_dict = dict(env)
-    assert list(as_dict) == fields and len(env) == len(fields)
+    assert list(as_dict) == names and len(env) == len(names)
     assert env["hosts"] == ("algo-1",) and "hosts" in env and "nope" not in env
     with pytest.raises(KeyError):
         env["nope"]

@@ -3,7 +3,7 @@ protocol shapes, the handler pool and the hook checks."""
 
 from __future__ import annotations
 
-import dataclasses
+from trainenv.record import FrozenRecordError
 import io
 import json
 import threading
@@ -65,7 +65,7 @@ def test_is_a_read_only_mapping_with_json():
     assert (
         decoded["model_dir"] == "/ml/model" and decoded["handler_files"][0] == "/ml/model/code/inference.py"
     )
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenRecordError):
         env.port = 1  # type: ignore[misc]
 
 

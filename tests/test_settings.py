@@ -6,7 +6,7 @@ file and key) and the value; a fuzzer checks that nothing else ever escapes.
 
 from __future__ import annotations
 
-import dataclasses
+from trainenv.record import FrozenRecordError, fields, replace
 import sys
 
 import pytest
@@ -45,8 +45,8 @@ def config_error(flags=None, environ=None, file_settings=None, *fragments):
 
 
 def test_table_matches_launch_settings():
-    fields = [f.name for f in dataclasses.fields(LaunchSettings) if f.name != "sources"]
-    assert [s.name for s in SETTINGS] == fields
+    names = [name for name in fields(LaunchSettings) if name != "sources"]
+    assert [s.name for s in SETTINGS] == names
     defaults = LaunchSettings()
     for setting in SETTINGS:
         assert getattr(defaults, setting.name) == setting.default, setting.name
@@ -81,7 +81,7 @@ def test_defaults_and_their_source():
 
 def test_resolved_settings_are_frozen():
     resolved = resolve()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenRecordError):
         resolved.distribution = "mpi"  # type: ignore[misc]
 
 

@@ -103,10 +103,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError, shown
+from trainenv.record import frozen
 from trainenv.redact import redact_urls
 from trainenv.snapshot import SnapshotMapping
 
@@ -125,7 +125,7 @@ _MAX_PORT = 65535
 _MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
 
 
-@dataclass(frozen=True)
+@frozen
 class Cluster(SnapshotMapping):
     """The nodes of the job and this node's place among them (a read-only mapping)."""
 

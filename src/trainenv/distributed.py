@@ -126,11 +126,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import EXIT_CONFIG, ConfigError, TrainenvError, shown
 from trainenv.naming import DEFAULT_MASTER_PORT
+from trainenv.record import frozen
+from trainenv.snapshot import FrozenDict
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainenv.environment import TrainingEnv
@@ -174,12 +175,12 @@ class PeerTimeout(ConfigError):
     """Another node did not show up in time (category ``ConfigError``, exit 78)."""
 
 
-@dataclass(frozen=True)
+@frozen
 class DistributedLaunch:
     """What runs on this node, and what has to happen before (see the module docstring)."""
 
     argv: Tuple[str, ...]
-    env: Dict[str, str] = field(default_factory=dict)  # TRAINENV_* always set; others only when absent
+    env: Mapping[str, str] = FrozenDict()  # TRAINENV_* always set; others only when absent
     hostfile: Optional[str] = None  # written by the runner before launching
     hostfile_text: Optional[str] = None
     peers: Tuple[Tuple[str, int], ...] = ()  # (host, port) to wait for before launching

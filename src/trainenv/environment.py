@@ -10,21 +10,20 @@ instead of probing again. Building a snapshot reads files and never writes anyth
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
+from trainenv.record import frozen
 from trainenv.snapshot import FrozenDict, SnapshotMapping, deep_freeze
 
 ENV_FILE_VAR = "TRAINENV_ENV_FILE"
 DEFAULT_JOB_NAME = "trainenv-job"
 
 
-@dataclass(frozen=True)
+@frozen
 class TrainingEnv(SnapshotMapping):
     """Everything a training job may need to know about its container, read once.
 

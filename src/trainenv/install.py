@@ -121,11 +121,11 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, InstallError, shown
+from trainenv.record import frozen
 from trainenv.redact import redact_text, secret_values
 
 __all__ = [
@@ -149,7 +149,7 @@ _PROBE_TIMEOUT = 60.0
 _MAX_INCLUDE_DEPTH = 10
 
 
-@dataclass(frozen=True)
+@frozen
 class InstallRequest:
     """What to install, into which interpreter, from where and with which environment."""
 
@@ -161,7 +161,7 @@ class InstallRequest:
     marker_dir: Optional[Path] = None
 
 
-@dataclass(frozen=True)
+@frozen
 class InstallResult:
     """``installer``: ``"uv"``, ``"pip"``, ``"skipped"`` or ``"none"``; ``packages``: new names."""
 
@@ -570,17 +570,19 @@ def _credentials_in(texts: Iterable[str]) -> List[str]:
     return sorted(found, key=len, reverse=True)
 
 
-@dataclass
 class _Attempt:
-    installer: str
-    returncode: Optional[int]
-    tail: List[str]
-    packages: List[str]
-    network_cause: str = ""  # e.g. "Connection refused"
-    network_sign: str = ""  # e.g. "NewConnectionError"
-    local: bool = False
-    uv_specific: bool = False
-    start_error: str = ""
+    """What one run of the installer showed (filled in while its output streams)."""
+
+    def __init__(self, installer: str, returncode: Optional[int], tail: List[str], packages: List[str]) -> None:
+        self.installer = installer
+        self.returncode = returncode
+        self.tail = tail
+        self.packages = packages
+        self.network_cause = ""  # e.g. "Connection refused"
+        self.network_sign = ""  # e.g. "NewConnectionError"
+        self.local = False
+        self.uv_specific = False
+        self.start_error = ""
 
     @property
     def network(self) -> str:

@@ -9,16 +9,17 @@ environment and checks that one directory exists; it never creates anything.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+
+from trainenv.record import frozen
 
 DEFAULT_BASE_DIR = "/ml"
 DEFAULT_LOCAL_DIR = "trainenv-job"
 STANDARD_OUTPUT_CHANNELS = ("model", "checkpoints", "tensorboard")
 
 
-@dataclass(frozen=True)
+@frozen
 class Layout:
     """Every path of the container contract, below one base dir."""
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-from dataclasses import dataclass
 from typing import Iterable, Optional, Tuple
 
 from trainenv.errors import EXIT_TIMEOUT
+from trainenv.record import frozen
 from trainenv.redact import redact_text
 
 FAILURE_FILE_LIMIT = 8 * 1024
@@ -33,7 +33,7 @@ FIRST_PART = 1024
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning|Fault)\b.*")
 
 
-@dataclass(frozen=True)
+@frozen
 class Outcome:
     exit_code: int
     category: Optional[str]  # None on success
@@ -117,7 +117,7 @@ def failure_text(outcome: Outcome, secrets: Iterable[str] = ()) -> str:
     return redact_text(text, secrets)
 
 
-@dataclass(frozen=True)
+@frozen
 class FileState:
     """Identity of a file at a moment, to tell a file written during the run from an old one."""
 

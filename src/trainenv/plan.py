@@ -28,12 +28,12 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
 from trainenv.environment import TrainingEnv
 from trainenv.errors import ConfigError, shown
+from trainenv.record import frozen
 from trainenv.redact import redact_text, redact_value, secret_values
 from trainenv.settings import LaunchSettings
 
@@ -41,14 +41,14 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z"
 SHELL = "/bin/sh"
 
 
-@dataclass(frozen=True)
+@frozen
 class EntryPoint:
     kind: str  # "script", "module", "shell", "executable", "command"
     target: str  # the path, module or command string
     source: str  # where it was configured
 
 
-@dataclass(frozen=True)
+@frozen
 class LaunchPlan:
     """What the supervisor runs, and what it needs around the run."""
 
@@ -67,8 +67,10 @@ class LaunchPlan:
     hostfile: Optional[str] = None
     hostfile_text: Optional[str] = None
     peers: Tuple[Tuple[str, int], ...] = ()
-    exported: Tuple[str, ...] = field(default=(), compare=False)
-    secrets: Tuple[str, ...] = field(default=(), compare=False, repr=False)
+    exported: Tuple[str, ...] = ()
+    secrets: Tuple[str, ...] = ()
+    _hidden = ("secrets",)
+    _not_compared = ("exported", "secrets")
 
     def describe(self) -> str:
         """A readable, redacted view of the plan (``trainenv train --dry-run``)."""

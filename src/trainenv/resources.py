@@ -89,10 +89,10 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 from trainenv.errors import ConfigError, InternalError, shown
+from trainenv.record import frozen
 
 __all__ = [
     "Gpu",
@@ -137,7 +137,7 @@ _SIGNED = re.compile(r"-?[0-9]+", re.ASCII)
 # Finding this process's cgroup directories
 
 
-@dataclass(frozen=True)
+@frozen
 class _Mount:
     """One cgroup hierarchy's mount: v1 (with its controllers) or v2."""
 
@@ -476,7 +476,7 @@ def memory_usage_bytes(root: str = "/") -> int | None:
 # GPUs
 
 
-@dataclass(frozen=True)
+@frozen
 class Gpu:
     """One GPU the job may use.
 

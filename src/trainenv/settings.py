@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, shown
+from trainenv.record import frozen
+from trainenv.snapshot import FrozenDict
 
 DISTRIBUTIONS = ("none", "torchrun", "mpi")
 RDZV_BACKENDS = ("static", "c10d")
@@ -83,7 +84,7 @@ def _words(value: Any) -> tuple:
         raise ValueError(f"cannot split: {exc}") from None
 
 
-@dataclass(frozen=True)
+@frozen
 class Setting:
     name: str
     flag: str
@@ -135,7 +136,7 @@ SETTINGS: Tuple[Setting, ...] = (
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
 
-@dataclass(frozen=True)
+@frozen
 class LaunchSettings:
     """The resolved launch settings, and where each came from (for --dry-run and errors)."""
 
@@ -156,7 +157,8 @@ class LaunchSettings:
     peer_timeout_seconds: float = 600.0
     mpi_rsh_agent: str = "ssh"
     mpi_options: Tuple[str, ...] = ()
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    sources: Mapping[str, str] = FrozenDict()  # setting name → where its value came from
+    _not_compared = ("sources",)
 
     @property
     def interpreter(self) -> str:
@@ -206,4 +208,4 @@ def resolve_settings(
         raise ConfigError(
             f"both an entry point ({sources['entry_point']}) and a command ({sources['command']}) are set; use one"
         )
-    return LaunchSettings(**values, sources=sources)
+    return LaunchSettings(**values, sources=FrozenDict(sources))

@@ -1,13 +1,12 @@
 """The read-only mapping behaviour shared by the frozen snapshot classes.
 
-A snapshot is a frozen dataclass; this mixin makes it a ``Mapping`` over its fields, so
+A snapshot is a frozen record (``trainenv.record``); this mixin makes it a ``Mapping`` over its fields, so
 ``dict(env)``, ``env["hosts"]`` and ``json.dumps(dict(env))`` work, and gives ``to_json()``.
 Paths become strings and tuples lists in ``to_dict()``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import PurePath
 from typing import Any, Iterator, Mapping
@@ -19,8 +18,8 @@ def plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, SnapshotMapping):
         return value.to_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if hasattr(type(value), "_fields") and not isinstance(value, tuple):
+        return {name: plain(getattr(value, name)) for name in type(value)._fields}
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -64,7 +63,7 @@ def deep_freeze(value: Any) -> Any:
 
 
 class SnapshotMapping(Mapping):
-    """Mixin for frozen dataclasses: a read-only mapping over the dataclass fields."""
+    """Mixin for frozen records: a read-only mapping over their fields."""
 
     def __getitem__(self, key: str) -> Any:
         if key in self._field_names():
@@ -79,7 +78,7 @@ class SnapshotMapping(Mapping):
 
     @classmethod
     def _field_names(cls) -> tuple:
-        return tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        return cls._fields  # type: ignore[attr-defined]
 
     def to_dict(self) -> dict:
         return {name: plain(getattr(self, name)) for name in self._field_names()}

@@ -36,8 +36,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
+
+from trainenv.record import frozen
 
 TAIL_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
@@ -48,7 +49,7 @@ FORWARD_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2
 PR_SET_CHILD_SUBREAPER = 36
 
 
-@dataclass(frozen=True)
+@frozen
 class RunResult:
     exit_code: int
     signal_number: Optional[int]

@@ -41,12 +41,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, shown
 from trainenv.layout import Layout
+from trainenv.record import frozen
 from trainenv.snapshot import SnapshotMapping
 
 MIB = 1024 * 1024
@@ -85,7 +85,7 @@ _FALSE = ("0", "false", "no", "off")
 _NUMERIC_LEVELS = {"10": "DEBUG", "20": "INFO", "30": "WARNING", "40": "ERROR", "50": "ERROR"}
 
 
-@dataclass(frozen=True)
+@frozen
 class ServingEnv(SnapshotMapping):
     """Everything ``trainenv serve`` needs, resolved once (see the module docstring for sources)."""
 
