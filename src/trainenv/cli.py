@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Sequence
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Optional, Sequence
 
 
 def _redacted(value: Any, secrets: Sequence[str], name: str = "") -> Any:

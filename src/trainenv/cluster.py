@@ -101,9 +101,13 @@ port outside 1-65535. Malformed input never surfaces as any other exception.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError, shown
 from trainenv.record import frozen

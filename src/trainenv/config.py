@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Tuple
+import re
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Iterable, Optional, Tuple
 
 from trainenv.errors import ConfigError, shown
 

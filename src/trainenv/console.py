@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
 
 from trainenv.redact import redact_text
 

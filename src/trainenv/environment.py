@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout

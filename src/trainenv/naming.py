@@ -41,11 +41,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 from trainenv.errors import ConfigError
 
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Iterable, Mapping, Optional, Sequence
     from trainenv.environment import TrainingEnv
 
 MAX_VAR_BYTES = 32 * 1024

@@ -22,7 +22,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import Iterable, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable, Optional, Tuple
 
 from trainenv.errors import EXIT_TIMEOUT
 from trainenv.record import frozen

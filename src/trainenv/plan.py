@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+import re
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Mapping, Optional, Tuple
 
 from trainenv.environment import TrainingEnv
 from trainenv.errors import ConfigError, shown
@@ -133,6 +134,8 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
         if not os.access(path, os.X_OK):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} is not executable (chmod +x it, or name a .py/.sh file)")
         return EntryPoint("executable", str(path), source)
+    import shutil
+
     found = shutil.which(entry, path=environ.get("PATH", os.defpath))
     if found:
         return EntryPoint("executable", found, source)
@@ -167,7 +170,9 @@ def export_budget(args: Tuple[str, ...], environ: Mapping[str, str]) -> int:
 
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
     """Where this launch keeps its own files: container-local, never an output channel."""
-    base = environ.get("TRAINENV_RUN_DIR") or os.path.join(tempfile.gettempdir(), f"trainenv-{os.getuid()}")
+    # $TMPDIR as tempfile.gettempdir() reads it, without importing tempfile (and random) at start-up.
+    temporary = environ.get("TMPDIR") or "/tmp"
+    base = environ.get("TRAINENV_RUN_DIR") or os.path.join(temporary, f"trainenv-{os.getuid()}")
     return os.path.join(base, f"{env.job_name}-{env.current_host}".replace(os.sep, "_"))
 
 

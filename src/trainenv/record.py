@@ -18,9 +18,10 @@ a default; ``__post_init__`` runs after ``__init__``; names in ``_hidden`` stay 
 
 from __future__ import annotations
 
-from typing import Any, Tuple, TypeVar
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Tuple
 
-T = TypeVar("T")
 _MISSING = object()
 
 
@@ -109,7 +110,7 @@ def fields(record: Any) -> Tuple[str, ...]:
     return record._fields
 
 
-def replace(record: T, **changes: Any) -> T:
+def replace(record: Any, **changes: Any) -> Any:
     """A copy of ``record`` with some fields changed."""
     values = {n: getattr(record, n) for n in type(record)._fields}
     values.update(changes)

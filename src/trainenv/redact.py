@@ -7,8 +7,12 @@ A name is secret when it contains ``token``, ``secret``, ``password``, ``passwd`
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import re
-from typing import Iterable, Mapping
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Iterable
 
 MASK = "***"
 _SECRET_NAME = re.compile(r"token|secret|password|passwd|key|credential|auth", re.IGNORECASE)

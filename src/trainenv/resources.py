@@ -89,7 +89,10 @@ import math
 import os
 import re
 import sys
-from typing import Any, Iterator, Mapping, Sequence
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Iterator, Mapping, Sequence
 
 from trainenv.errors import ConfigError, InternalError, shown
 from trainenv.record import frozen

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from typing import Any, Mapping, Optional
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Mapping, Optional
 
 from trainenv.console import Console, console_for
 from trainenv.errors import TrainenvError
@@ -77,6 +79,8 @@ class Launch:
         except KeyboardInterrupt:
             return self._fail(Outcome(130, "Signal", "trainenv was interrupted before the job started"))
         except Exception as exc:  # noqa: BLE001 - the contract: any bug is an InternalError, 70
+            import traceback
+
             trace = traceback.format_exc()
             self.console.error(trace.rstrip())
             return self._fail(Outcome(70, "InternalError", f"trainenv failed: {type(exc).__name__}: {exc}", trace))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import Any, Callable, Mapping, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, shown
 from trainenv.record import frozen

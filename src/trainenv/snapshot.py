@@ -7,9 +7,13 @@ Paths become strings and tuples lists in ``to_dict()``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 from pathlib import PurePath
-from typing import Any, Iterator, Mapping
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Iterator
 
 
 def plain(value: Any) -> Any:

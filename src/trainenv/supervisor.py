@@ -36,7 +36,10 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Mapping, Optional, Sequence
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Mapping, Optional, Sequence
 
 from trainenv.record import frozen
 
