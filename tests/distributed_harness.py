@@ -524,3 +524,35 @@ def mpirun_argv(
         "-H", ",".join(hosts_slots), "-np", str(np),
         *map(str, program),
     ]
+
+
+def need_torch() -> None:
+    """Skip the calling test when torch is missing."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed (scripts/test with TRAINENV_TEST_FULL=1 installs it)")
+
+
+def need_mpi() -> None:
+    """Skip the calling test when Open MPI or mpi4py is missing."""
+    import importlib.util
+    import shutil
+
+    import pytest
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
+    if importlib.util.find_spec("mpi4py") is None:
+        pytest.skip("mpi4py is not installed")
+
+
+def need_netns() -> None:
+    """Skip the calling test when network namespaces cannot be made here."""
+    import pytest
+
+    reason = netns_unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"no network namespaces here: {reason}")

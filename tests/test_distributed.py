@@ -32,8 +32,10 @@ from distributed_harness import (
     NetnsCluster,
     clean_env,
     free_port,
+    need_mpi,
+    need_netns,
+    need_torch,
     json_lines,
-    netns_unsupported_reason,
     start,
     wait_all,
     write_rsh_agent,
@@ -568,22 +570,6 @@ def test_mpi_node_zero_whose_other_node_never_comes_times_out(tmp_path):
 # -- the real engines (-m distributed) --------------------------------------------------------
 
 
-def _need_torch() -> None:
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed")
-
-
-def _need_mpi() -> None:
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed")
-
-
-def _need_netns() -> None:
-    reason = netns_unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"no network namespaces here: {reason}")
 
 
 def _report(record_property, name: str, seconds: float) -> None:
@@ -605,7 +591,7 @@ def ranks_of(results, world: int) -> List[dict]:
 @pytest.mark.distributed
 def test_torchrun_two_trainenv_nodes_pai_style_on_loopback(tmp_path, record_property):
     """PAI DLC's node-level MASTER_ADDR/RANK/WORLD_SIZE + NPROC_PER_NODE; 2 nodes x 2 processes."""
-    _need_torch()
+    need_torch()
     port = hub_ports()
     procs = []
     t0 = time.monotonic()
@@ -632,8 +618,8 @@ def test_torchrun_two_trainenv_nodes_pai_style_on_loopback(tmp_path, record_prop
 @pytest.mark.distributed
 def test_torchrun_c10d_two_namespaced_nodes_from_resourceconfig(tmp_path, record_property):
     """Real hostnames (node0, node1) from resourceconfig.json; c10d rendezvous hosted by node 0."""
-    _need_torch()
-    _need_netns()
+    need_torch()
+    need_netns()
     with NetnsCluster(2, tmp_path) as nodes:
         procs = []
         t0 = time.monotonic()
@@ -658,7 +644,7 @@ def test_torchrun_c10d_two_namespaced_nodes_from_resourceconfig(tmp_path, record
 
 @pytest.mark.distributed
 def test_torchrun_a_failing_rank_fails_every_node(tmp_path, record_property):
-    _need_torch()
+    need_torch()
     port = hub_ports()
     procs, bases = [], []
     t0 = time.monotonic()
@@ -700,7 +686,7 @@ def mpi_env(tmp_path: Path, base: Path, port: int, agent: Path, **extra: str) ->
 @pytest.mark.distributed
 def test_mpi_two_trainenv_nodes_through_a_login_like_agent(tmp_path, record_property):
     """Node 0 runs mpirun; the agent gives the other host's ranks a bare login environment."""
-    _need_mpi()
+    need_mpi()
     hosts = ("localhost", "fakenode1")
     bases = mpi_nodes(tmp_path, hosts, interface="lo")
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log", login_env=True)
@@ -723,8 +709,8 @@ def test_mpi_two_trainenv_nodes_through_a_login_like_agent(tmp_path, record_prop
 
 @pytest.mark.distributed
 def test_mpi_two_namespaced_nodes_with_own_hostnames(tmp_path, record_property):
-    _need_mpi()
-    _need_netns()
+    need_mpi()
+    need_netns()
     with NetnsCluster(2, tmp_path) as nodes:
         bases = mpi_nodes(tmp_path, tuple(nodes.hostnames))
         agent = write_rsh_agent(tmp_path / "fake-rsh", nodes, log=tmp_path / "agent.log", login_env=True)
@@ -743,7 +729,7 @@ def test_mpi_two_namespaced_nodes_with_own_hostnames(tmp_path, record_property):
 
 @pytest.mark.distributed
 def test_mpi_a_failing_rank_fails_every_node(tmp_path, record_property):
-    _need_mpi()
+    need_mpi()
     hosts = ("localhost", "fakenode1")
     bases = mpi_nodes(tmp_path, hosts, hyperparameters={"fail-rank": 3}, interface="lo")
     agent = write_rsh_agent(tmp_path / "fake-rsh", login_env=True)

@@ -8,10 +8,8 @@ properties. The harness's own mechanics (teardown, deadlines) are fast and alway
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pwd
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -26,9 +24,11 @@ from distributed_harness import (
     NetnsCluster,
     clean_env,
     free_port,
+    need_mpi,
+    need_netns,
+    need_torch,
     json_lines,
     mpirun_argv,
-    netns_unsupported_reason,
     start,
     wait_all,
     write_rsh_agent,
@@ -39,22 +39,6 @@ TORCH_TIMEOUT = 180.0  # ~10 s here; 6 interpreters importing torch on 2 cores
 MPI_TIMEOUT = 60.0
 
 
-def _need_torch() -> None:
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed (scripts/test with TRAINENV_TEST_FULL=1 installs it)")
-
-
-def _need_mpi() -> None:
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed")
-
-
-def _need_netns() -> None:
-    reason = netns_unsupported_reason()
-    if reason is not None:
-        pytest.skip(f"no network namespaces here: {reason}")
 
 
 def _torchrun(node_rank: int, master_addr: str, port: int, script: Path) -> List[str]:
@@ -87,7 +71,7 @@ def _report(record_property, name: str, seconds: float) -> None:
 
 @pytest.mark.distributed
 def test_torchrun_two_nodes_on_loopback(tmp_path, record_property):
-    _need_torch()
+    need_torch()
     script = write_script(tmp_path / "allreduce.py", TORCH_ALLREDUCE)
     port = free_port()
     env = clean_env(tmp_path, GLOO_SOCKET_IFNAME="lo")  # gloo would bind to the hostname's address
@@ -105,8 +89,8 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, record_property):
 
 @pytest.mark.distributed
 def test_torchrun_two_namespaced_nodes_with_own_hostnames(tmp_path, record_property):
-    _need_torch()
-    _need_netns()
+    need_torch()
+    need_netns()
     script = write_script(tmp_path / "allreduce.py", TORCH_ALLREDUCE)
     env = clean_env(tmp_path)
     with NetnsCluster(2, tmp_path) as cluster:
@@ -126,7 +110,7 @@ def test_torchrun_two_namespaced_nodes_with_own_hostnames(tmp_path, record_prope
 
 
 def test_netns_teardown_leaves_nothing(tmp_path):
-    _need_netns()
+    need_netns()
     hosts_before = Path("/etc/hosts").read_text()
     with NetnsCluster(3, tmp_path) as cluster:
         sleeper = cluster.start(2, ["sleep", "300"], env=clean_env(tmp_path), log_dir=tmp_path)
@@ -141,7 +125,7 @@ def test_netns_teardown_leaves_nothing(tmp_path):
 
 @pytest.mark.distributed
 def test_mpirun_four_ranks_on_two_fake_hosts_through_the_agent(tmp_path, record_property):
-    _need_mpi()
+    need_mpi()
     script = write_script(tmp_path / "mpi_allreduce.py", MPI_ALLREDUCE)
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log")
     argv = mpirun_argv(["localhost:2", "fakenode1:2"], 4, agent, "lo", [PYTHON, script])
@@ -156,8 +140,8 @@ def test_mpirun_four_ranks_on_two_fake_hosts_through_the_agent(tmp_path, record_
 
 @pytest.mark.distributed
 def test_mpirun_across_namespaced_nodes(tmp_path, record_property):
-    _need_mpi()
-    _need_netns()
+    need_mpi()
+    need_netns()
     script = write_script(tmp_path / "mpi_allreduce.py", MPI_ALLREDUCE)
     with NetnsCluster(2, tmp_path) as cluster:
         agent = write_rsh_agent(tmp_path / "fake-rsh", cluster, log=tmp_path / "agent.log")
@@ -213,7 +197,7 @@ def test_wait_all_cuts_the_wait_short_once_a_node_failed(tmp_path):
 
 
 def test_netns_setup_failure_still_tears_down(tmp_path, monkeypatch):
-    _need_netns()
+    need_netns()
     cluster = NetnsCluster(2, tmp_path)
 
     def broken() -> None:
