@@ -95,8 +95,12 @@ def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple:
     return tuple(dict.fromkeys(parts))
 
 
-def to_json(value: Any, sort_keys: bool = False) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per value
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON, non-ASCII kept as is."""
+    return _COMPACT.encode(value)
 
 
 def env_value(value: Any) -> str:
