@@ -41,8 +41,6 @@ class Console:
     def error(self, text: str) -> None:
         self._write(text)
 
-    __call__ = info
-
 
 def console_for(environ=os.environ, secrets: Iterable[str] = ()) -> Console:
     return Console(environ.get("TRAINENV_LOG_LEVEL", "info"), secrets)
