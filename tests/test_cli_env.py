@@ -23,7 +23,7 @@ import yaml
 from trainenv import resources
 from trainenv.environment import TrainingEnv, build_training_env
 from trainenv.errors import EXIT_CONFIG
-from trainenv.naming import normalize
+from trainenv.exports import normalize
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_COMPAT = "pai,sagemaker,vertex"

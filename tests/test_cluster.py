@@ -9,7 +9,7 @@ discovery that tried to write a platform value would fail every test.
 from __future__ import annotations
 
 import copy
-from trainenv.record import FrozenRecordError, replace
+from trainenv.frozen import FrozenRecordError, replace
 import json
 from types import MappingProxyType
 

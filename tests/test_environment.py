@@ -7,7 +7,7 @@ local mode, "building reads and never writes", and bad cluster / cgroup / GPU in
 
 from __future__ import annotations
 
-from trainenv.record import FrozenRecordError, fields
+from trainenv.frozen import FrozenRecordError, fields
 import json
 import os
 from pathlib import Path

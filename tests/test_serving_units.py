@@ -3,7 +3,7 @@ protocol shapes, the handler pool and the hook checks."""
 
 from __future__ import annotations
 
-from trainenv.record import FrozenRecordError
+from trainenv.frozen import FrozenRecordError
 import io
 import json
 import threading

@@ -6,7 +6,7 @@ file and key) and the value; a fuzzer checks that nothing else ever escapes.
 
 from __future__ import annotations
 
-from trainenv.record import FrozenRecordError, fields, replace
+from trainenv.frozen import FrozenRecordError, fields, replace
 import sys
 
 import pytest

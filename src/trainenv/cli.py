@@ -105,7 +105,7 @@ def build_cli() -> Any:
 
                 secrets = plan_secrets(snapshot, os.environ)
             if fmt == "shell":
-                from trainenv.naming import env_value, normalize, parse_compat
+                from trainenv.exports import env_value, normalize, parse_compat
 
                 if serving:
                     variables = {f"TRAINENV_SERVING_{normalize(k)}": env_value(v) for k, v in snapshot.to_dict().items()}

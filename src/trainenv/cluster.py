@@ -110,9 +110,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Optional, Sequence, Tuple
 
 from trainenv.errors import ConfigError, shown
-from trainenv.record import frozen
+from trainenv.frozen import SnapshotMapping, frozen
 from trainenv.redact import redact_urls
-from trainenv.snapshot import SnapshotMapping
 
 __all__ = ["Cluster", "discover_cluster", "SOURCES"]
 

@@ -129,9 +129,8 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from trainenv.errors import EXIT_CONFIG, ConfigError, TrainenvError, shown
-from trainenv.naming import DEFAULT_MASTER_PORT
-from trainenv.record import frozen
-from trainenv.snapshot import FrozenDict
+from trainenv.exports import DEFAULT_MASTER_PORT
+from trainenv.frozen import FrozenDict, frozen
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainenv.environment import TrainingEnv
@@ -190,7 +189,7 @@ class DistributedLaunch:
 
 
 def master_port(env: "TrainingEnv", settings: "LaunchSettings") -> int:
-    """The rendezvous port: the setting, then the platform's, then 29500 (as ``naming`` exports it)."""
+    """The rendezvous port: the setting, then the platform's, then 29500 (as ``exports`` exports it)."""
     return int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
 
 

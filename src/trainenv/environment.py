@@ -19,8 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
-from trainenv.record import frozen
-from trainenv.snapshot import FrozenDict, SnapshotMapping, deep_freeze
+from trainenv.frozen import FrozenDict, SnapshotMapping, deep_freeze, frozen
 
 ENV_FILE_VAR = "TRAINENV_ENV_FILE"
 DEFAULT_JOB_NAME = "trainenv-job"
@@ -69,8 +68,8 @@ class TrainingEnv(SnapshotMapping):
     resource_config: Optional[Mapping[str, Any]]
 
     def to_env_vars(self, compat: Sequence[str] = ("pai",), **options: Any) -> dict:
-        """The snapshot as environment variables: see ``trainenv.naming``."""
-        from trainenv.naming import to_env_vars
+        """The snapshot as environment variables: see ``trainenv.exports``."""
+        from trainenv.exports import to_env_vars
 
         return to_env_vars(self, compat, **options)
 
@@ -139,7 +138,7 @@ def build_training_env(
     """Read the config files, discover the cluster and the hardware; never writes."""
     from trainenv import config
     from trainenv.cluster import discover_cluster
-    from trainenv.naming import normalized_names, to_cmd_args
+    from trainenv.exports import normalized_names, to_cmd_args
 
     layout = layout or Layout.resolve(environ)
     settings_path = None

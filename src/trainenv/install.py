@@ -125,7 +125,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, InstallError, shown
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 from trainenv.redact import redact_text, secret_values
 
 __all__ = [

@@ -15,7 +15,7 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Mapping
 
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 
 DEFAULT_BASE_DIR = "/ml"
 DEFAULT_LOCAL_DIR = "trainenv-job"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable, Optional, Tuple
 
 from trainenv.errors import EXIT_TIMEOUT
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 from trainenv.redact import redact_text
 
 FAILURE_FILE_LIMIT = 8 * 1024

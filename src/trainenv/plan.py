@@ -16,7 +16,7 @@ SageMaker's ``SAGEMAKER_PROGRAM``):
 | command string     | ``/bin/sh -c <command>`` (no args appended)        |
 
 The child's environment is the inherited one, plus the snapshot's variables
-(``trainenv.naming``; ``TRAINENV_*`` always set, every other name only where the platform
+(``trainenv.exports``; ``TRAINENV_*`` always set, every other name only where the platform
 did not set it), ``TRAINENV_ENV_FILE``, ``PYTHONUNBUFFERED=1`` and ``PYTHONPATH`` = the code
 dir before the inherited value (never the launcher's ``sys.path``).
 """
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.environment import TrainingEnv
 from trainenv.errors import ConfigError, shown
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 from trainenv.redact import redact_text, redact_value, secret_values
 from trainenv.settings import LaunchSettings
 
@@ -161,7 +161,7 @@ RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names a
 
 def export_budget(args: Tuple[str, ...], environ: Mapping[str, str]) -> int:
     """What is left for the exported names once argv and the inherited environment are counted."""
-    from trainenv.naming import entry_bytes
+    from trainenv.exports import entry_bytes
 
     used = sum(len(a.encode("utf-8", "surrogateescape")) + 9 for a in args)
     used += sum(entry_bytes(k, v) for k, v in environ.items())

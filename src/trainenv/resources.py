@@ -95,7 +95,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Iterator, Mapping, Sequence
 
 from trainenv.errors import ConfigError, InternalError, shown
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 
 __all__ = [
     "Gpu",

@@ -42,7 +42,7 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Mapping, Optional, Sequence
 
-from trainenv.record import frozen
+from trainenv.frozen import frozen
 
 TAIL_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024

@@ -46,8 +46,7 @@ from typing import Mapping, Optional, Tuple
 
 from trainenv.errors import ConfigError, shown
 from trainenv.layout import Layout
-from trainenv.record import frozen
-from trainenv.snapshot import SnapshotMapping
+from trainenv.frozen import SnapshotMapping, frozen
 
 MIB = 1024 * 1024
 DEFAULT_PORT = 8080

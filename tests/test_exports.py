@@ -1,4 +1,4 @@
-"""trainenv.naming: the variables and argv the entry point receives (CONTRACT §4).
+"""trainenv.exports: the variables and argv the entry point receives (CONTRACT §4).
 
 The SageMaker name set is checked name for name against what AWS's toolkit produced for the
 research notes' fake job (§3.8); the PAI, Vertex and multi-node sets against the contract;
@@ -17,7 +17,7 @@ import pytest
 
 from trainenv.environment import TrainingEnv, build_training_env, training_env
 from trainenv.errors import ConfigError
-from trainenv.naming import (
+from trainenv.exports import (
     MAX_VAR_BYTES,
     OMITTED_NAME,
     cmd_value,

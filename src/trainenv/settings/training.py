@@ -9,94 +9,20 @@ naming where it came from (the flag, the variable or the file and key) and the v
 
 from __future__ import annotations
 
-import shlex
-import sys
-
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Mapping, Optional, Tuple
 
+import sys
+
 from trainenv.errors import ConfigError, shown
-from trainenv.record import frozen
-from trainenv.snapshot import FrozenDict
+from trainenv.frozen import FrozenDict, frozen
+from trainenv.settings.rows import Setting, boolean as _boolean, choice as _choice, compat as _compat, number as _number, text as _text, words as _words
 
 DISTRIBUTIONS = ("none", "torchrun", "mpi")
 RDZV_BACKENDS = ("static", "c10d")
 # Keys of trainenv.yaml that are not launch settings but cluster facts (trainenv.cluster).
 CLUSTER_KEYS = ("hosts", "current_host")
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        raise ValueError("expected a string")
-    return str(value)
-
-
-def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
-    def parse(value: Any) -> str:
-        text = str(value).strip().lower()
-        if text not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return text
-
-    return parse
-
-
-def _number(kind: type, minimum: float, maximum: Optional[float] = None) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("expected a number")
-        try:
-            number = kind(str(value).strip())
-        except ValueError:
-            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
-        if number != number or number < minimum or (maximum is not None and number > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"must be {bound}")
-        return number
-
-    return parse
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _compat(value: Any) -> tuple:
-    from trainenv.naming import parse_compat
-
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    return parse_compat(str(value), source="compat")
-
-
-def _words(value: Any) -> tuple:
-    """A list, or a string split like a shell would (``"a==1 'b>2'"``)."""
-    if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
-    try:
-        return tuple(shlex.split(str(value)))
-    except ValueError as exc:
-        raise ValueError(f"cannot split: {exc}") from None
-
-
-@frozen
-class Setting:
-    name: str
-    flag: str
-    variable: str
-    parse: Callable[[Any], Any]
-    default: Any
-    help: str
-    metavar: str = "VALUE"
-    choices: Tuple[str, ...] = ()
 
 
 SETTINGS: Tuple[Setting, ...] = (

@@ -1,0 +1,23 @@
+"""Settings: one row type (``rows``), the training table (``training``); resolved once per launch."""
+
+from trainenv.settings.training import (
+    CLUSTER_KEYS,
+    DISTRIBUTIONS,
+    RDZV_BACKENDS,
+    SETTINGS,
+    SETTINGS_BY_NAME,
+    LaunchSettings,
+    resolve_settings,
+)
+from trainenv.settings.rows import Setting
+
+__all__ = [
+    "CLUSTER_KEYS",
+    "DISTRIBUTIONS",
+    "RDZV_BACKENDS",
+    "SETTINGS",
+    "SETTINGS_BY_NAME",
+    "LaunchSettings",
+    "Setting",
+    "resolve_settings",
+]

@@ -1,0 +1,91 @@
+"""One row type for every setting trainenv reads, and the parsers its values go through.
+
+A ``Setting`` is one row: its name (also its key in ``trainenv.yaml``), its command-line flag,
+its variable, how to parse a raw value, its default and its help. The training and serving
+tables are tuples of rows; the CLI options, the variable lookups, ``--help``, ``trainenv env``
+and the README tables all come from them. A parser takes a raw value (a string from a variable
+or flag, or YAML data) and returns the typed value, or raises ``ValueError`` with what was
+expected.
+"""
+
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Mapping, Optional, Tuple
+
+import shlex
+
+from trainenv.frozen import frozen
+def text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        raise ValueError("expected a string")
+    return str(value)
+
+
+def choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def number(kind: type, minimum: float, maximum: Optional[float] = None) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("expected a number")
+        try:
+            number = kind(str(value).strip())
+        except ValueError:
+            raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+        if number != number or number < minimum or (maximum is not None and number > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ValueError(f"must be {bound}")
+        return number
+
+    return parse
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def compat(value: Any) -> tuple:
+    from trainenv.exports import parse_compat
+
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    return parse_compat(str(value), source="compat")
+
+
+def words(value: Any) -> tuple:
+    """A list, or a string split like a shell would (``"a==1 'b>2'"``)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v) for v in value)
+    try:
+        return tuple(shlex.split(str(value)))
+    except ValueError as exc:
+        raise ValueError(f"cannot split: {exc}") from None
+
+
+@frozen
+class Setting:
+    name: str
+    flag: str
+    variable: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+    choices: Tuple[str, ...] = ()
