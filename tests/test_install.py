@@ -18,18 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_wheels import build_wheel
+from fixtures_wheels import build_wheel, serve_directory, simple_index
 from trainenv.errors import ConfigError, InstallError
-from trainenv.install import (
-    INSTALLER_VARIABLE,
-    InstallRequest,
-    _run,
-    default_marker_dir,
-    find_uv,
-    install_requirements,
-    pip_settings,
-    uv_environment,
-)
+from trainenv.install import InstallRequest, install_requirements
+from trainenv.install.installers import INSTALLER_VARIABLE, find_uv
+from trainenv.install.marker import default_marker_dir
+from trainenv.install.pip_to_uv import pip_settings, uv_environment
+from trainenv.install.run import run_installer
 
 INSTALLERS = ["pip", "uv"]
 UV = find_uv(os.environ)
@@ -337,6 +332,46 @@ def test_pip_variables_reach_uv(tmp_path, target_python, base_env):
     assert job.version_of("tiny_mapped") == "1.0"
 
 
+@pytest.mark.parametrize("installer", INSTALLERS)
+def test_pip_index_and_extra_indexes_keep_pips_semantics(tmp_path, target_python, base_env, installer):
+    """pip takes the best match from every index; uv, by default, only looks at the first index
+    that has the project (extra indexes first). Requirements that pip installs from
+    PIP_INDEX_URL + PIP_EXTRA_INDEX_URL must install under uv as well."""
+    job = _job(tmp_path, target_python, base_env, installer)
+    name_a, name_b = f"tiny_{installer}_idx_a", f"tiny_{installer}_idx_b"
+    built = tmp_path / "built"
+    main = simple_index(tmp_path / "main", [build_wheel(built / "m", name_a, "1.0")])
+    first = simple_index(tmp_path / "extra1", [build_wheel(built / "e1", name_a, "2.0"),
+                                                build_wheel(built / "e1", name_b, "1.0")])
+    second = simple_index(tmp_path / "extra2", [build_wheel(built / "e2", name_b, "2.0")])
+    with serve_directory(main) as m, serve_directory(first) as e1, serve_directory(second) as e2:
+        job.env.update(PIP_INDEX_URL=m, PIP_EXTRA_INDEX_URL=f"{e1} {e2}")
+        # name_a 1.0 is only in the main index, name_b 2.0 only in the second extra index
+        req = job.requirements(f"{name_a}==1.0", f"{name_b}==2.0", local_index=False)
+        result = job.install(req)
+    assert result.installer == installer
+    assert job.version_of(name_a) == "1.0" and job.version_of(name_b) == "2.0"
+    if installer == "uv":
+        assert any("UV_INDEX_STRATEGY" in line for line in job.lines)
+
+
+@needs_uv
+def test_index_strategy_set_by_the_user_is_kept(tmp_path, target_python, base_env):
+    job = _job(tmp_path, target_python, base_env, "uv")
+    name = "tiny_uv_strategy"
+    built = tmp_path / "built"
+    main = simple_index(tmp_path / "main", [build_wheel(built / "m", name, "1.0")])
+    extra = simple_index(tmp_path / "extra", [build_wheel(built / "e", name, "2.0")])
+    with serve_directory(main) as m, serve_directory(extra) as e:
+        job.env.update(PIP_INDEX_URL=m, PIP_EXTRA_INDEX_URL=e, UV_INDEX_STRATEGY="first-index")
+        with pytest.raises(InstallError) as caught:
+            job.install(job.requirements(f"{name}==1.0", local_index=False))
+    message = str(caught.value)
+    assert "(uv exit " in message
+    assert "set TRAINENV_INSTALLER=pip" in message  # how to switch installer
+    assert not any("UV_INDEX_STRATEGY" in line for line in job.lines if "passed on" in line)
+
+
 def test_target_without_pip(tmp_path, base_env):
     python = _make_venv(tmp_path / "nopip", with_pip=False)
     wheel = build_wheel(tmp_path / "w", "tiny_nopip", "1.0")
@@ -366,7 +401,7 @@ def test_bad_settings_are_config_errors(tmp_path, target_python, base_env):
 
 
 def test_forced_uv_without_uv(tmp_path, target_python, base_env, monkeypatch):
-    monkeypatch.setattr("trainenv.install.find_uv", lambda env: None)
+    monkeypatch.setattr("trainenv.install.installers.find_uv", lambda env: None)
     request = InstallRequest(target_python, None, ("six",), tmp_path, {**base_env, INSTALLER_VARIABLE: "uv"},
                              tmp_path / "m")
     with pytest.raises(InstallError, match="TRAINENV_INSTALLER=uv but uv is neither on PATH nor importable"):
@@ -379,13 +414,12 @@ def test_forced_uv_without_uv(tmp_path, target_python, base_env, monkeypatch):
 def test_output_is_streamed_line_by_line(tmp_path):
     script = "import time; print('Collecting first', flush=True); time.sleep(0.6); print('Collecting second')"
     stamps = []
-    request = InstallRequest(sys.executable, None, (), tmp_path, dict(os.environ))
-    attempt = _run("pip", [sys.executable, "-c", script], request, dict(os.environ),
-                   lambda line: stamps.append((time.monotonic(), line)), ["never-shown"])
+    finished = run_installer([sys.executable, "-c", script], str(tmp_path), dict(os.environ),
+                             lambda line: stamps.append((time.monotonic(), line)))
     ended = time.monotonic()
-    assert [line for _, line in stamps] == ["pip: Collecting first", "pip: Collecting second"]
-    assert ended - stamps[0][0] > 0.4  # the first line was logged while the process still ran
-    assert attempt.returncode == 0
+    assert [line for _, line in stamps] == ["Collecting first", "Collecting second"]
+    assert ended - stamps[0][0] > 0.4  # the first line was passed on while the process still ran
+    assert finished.returncode == 0
 
 
 def test_uv_on_path_is_preferred(tmp_path):
@@ -414,6 +448,8 @@ def test_pip_config_is_carried_over_to_uv(tmp_path):
     assert added["HTTPS_PROXY"] == added["HTTP_PROXY"] == "http://proxy:3128"
     assert added["SSL_CERT_FILE"] == "/ca.pem"
     assert "UV_HTTP_TIMEOUT" not in added  # already set for uv: kept as is
+    assert added["UV_INDEX_STRATEGY"] == "unsafe-best-match"  # pip's way with several indexes
+    assert "UV_INDEX_STRATEGY" not in uv_environment({**env, "UV_INDEX_STRATEGY": "first-index"})[0]
     assert flags == []
 
     # PIP_* beats the file; a uv config of its own means pip.conf is not carried over
@@ -423,6 +459,7 @@ def test_pip_config_is_carried_over_to_uv(tmp_path):
     (tmp_path / ".config" / "uv" / "uv.toml").write_text("")
     added, _ = uv_environment({**env, "PIP_NO_INDEX": "1"})
     assert "UV_FIND_LINKS" not in added and added["UV_INDEX_URL"] == "https://env.example/simple"
+    assert "UV_INDEX_STRATEGY" not in added  # uv's own config decides
     assert uv_environment({**env, "PIP_NO_INDEX": "1"})[1] == ["--no-index"]
     assert uv_environment({"PIP_CONFIG_FILE": os.devnull, "HOME": str(tmp_path)}) == ({}, [])
 

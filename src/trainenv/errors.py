@@ -5,6 +5,7 @@
 | ``ConfigError`` | ``ConfigError`` | 78   |
 | ``InstallError``| ``InstallError``| 69   |
 | ``InternalError``| ``InternalError``| 70  |
+| ``SignalError`` | ``Signal``      | 128+N (SIGTERM/SIGINT before the job started) |
 
 Messages are one line and name the source (file or variable), the key and the value, so the
 first line of ``output/failure`` says what to fix.
@@ -59,6 +60,18 @@ class InstallError(TrainenvError):
 
     def __init__(self, message: str, tail: str = "") -> None:
         super().__init__(message)
+        self.tail = tail
+
+
+class SignalError(TrainenvError):
+    """trainenv received SIGTERM/SIGINT (signal N) before the job started; exit 128+N."""
+
+    category = "Signal"
+
+    def __init__(self, message: str, signal_number: int, tail: str = "") -> None:
+        super().__init__(message)
+        self.signal_number = signal_number
+        self.exit_code = 128 + signal_number
         self.tail = tail
 
 
