@@ -1,37 +1,23 @@
 """End-to-end tests: a real ``python -m trainenv.serving`` process on 127.0.0.1 (ephemeral
-port), a real HTTP client. Every route family, the failure-probe table of serving.md §4.5,
+port), a real HTTP client. Every route family, the failure-probe table of docs/serving.md,
 readiness, timeouts, saturation, SIGTERM drain and start-up failures, against the stdlib
 server and (when gunicorn is importable) gunicorn."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 
-try:
-    import gunicorn  # noqa: F401
+from support import SERVERS, Server, error_of
+from support import make_base as _make_base
 
-    HAVE_GUNICORN = True
-except ImportError:  # pragma: no cover - the test extra installs it
-    HAVE_GUNICORN = False
-
-SERVERS = [
-    "stdlib",
-    pytest.param("gunicorn", marks=pytest.mark.skipif(not HAVE_GUNICORN, reason="gunicorn not installed")),
-]
 MIB = 1024 * 1024
 
 HANDLER = """
@@ -83,141 +69,8 @@ def execution_parameters_fn():
 """
 
 
-class Server:
-    """A ``python -m trainenv.serving`` child; stderr is collected by a thread."""
-
-    def __init__(self, base: Path, env: Dict[str, str], wait_listening: bool = True) -> None:
-        self.base = base
-        self.lines: List[str] = []
-        self._lock = threading.Lock()
-        full_env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("TRAINENV_", "SAGEMAKER_", "AIP_", "SM_"))
-        }
-        full_env.update(
-            {
-                "TRAINENV_BASE_DIR": str(base),
-                "TRAINENV_SERVING_HOST": "127.0.0.1",
-                "TRAINENV_SERVING_PORT": "0",
-                "TRAINENV_SERVING_WORKERS": "2",
-                "PYTHONUNBUFFERED": "1",
-            }
-        )
-        full_env.update(env)
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "trainenv.serving"],
-            env=full_env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = 0
-        if wait_listening:
-            line = self.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", 10)
-            self.port = int(re.search(r":(\d+) ", line).group(1))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._lock:
-                self.lines.append(line.rstrip("\n"))
-
-    @property
-    def log(self) -> str:
-        with self._lock:
-            return "\n".join(self.lines)
-
-    def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        regex = re.compile(pattern)
-        while time.monotonic() < deadline:
-            with self._lock:
-                for line in self.lines:
-                    if regex.search(line):
-                        return line
-            if self.proc.poll() is not None:
-                self._reader.join(2)
-                with self._lock:
-                    for line in self.lines:
-                        if regex.search(line):
-                            return line
-                raise AssertionError(f"server exited {self.proc.returncode} before {pattern!r}:\n{self.log}")
-            time.sleep(0.01)
-        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.log}")
-
-    def connection(self, timeout: float = 10.0) -> http.client.HTTPConnection:
-        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Optional[bytes] = None,
-        headers: Optional[Dict[str, str]] = None,
-        timeout: float = 10.0,
-    ):
-        conn = self.connection(timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def post(
-        self,
-        body: bytes,
-        content_type: Optional[str] = "application/json",
-        path: str = "/invocations",
-        **headers: str,
-    ):
-        all_headers = {k.replace("_", "-"): v for k, v in headers.items()}
-        if content_type is not None:
-            all_headers["Content-Type"] = content_type
-        return self.request("POST", path, body, all_headers)
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/ping", timeout=1.0)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.02)
-        raise AssertionError(f"not ready within {timeout} s:\n{self.log}")
-
-    def wait_exit(self, timeout: float) -> Optional[int]:
-        """The exit code of a server expected to stop on its own; killed (and None) if it does not."""
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-            return None
-        finally:
-            self._reader.join(2)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-            self._reader.join(2)
-
-
 def make_base(root: Path, handler: str = HANDLER) -> Path:
-    code = root / "model" / "code"
-    code.mkdir(parents=True)
-    (code / "inference.py").write_text(textwrap.dedent(handler))
-    return root
+    return _make_base(root, handler)
 
 
 @pytest.fixture(scope="module", params=SERVERS)
@@ -238,13 +91,6 @@ def server(request, tmp_path_factory):
     srv.wait_ready()
     yield srv
     assert srv.stop() == 0, srv.log
-
-
-def error_of(body: bytes) -> dict:
-    document = json.loads(body)
-    assert set(document) == {"error", "message", "request_id"}, document
-    assert "Traceback" not in document["message"]
-    return document
 
 
 # -- route families -----------------------------------------------------------------------------
@@ -354,7 +200,7 @@ def test_secrets_never_reach_the_body_or_the_log(server):
     assert "s3cr3t-value-123" not in server.log
 
 
-# -- serving.md §4.5, the failure-probe table -------------------------------------------------------
+# -- the failure-probe table of docs/serving.md ------------------------------------------------------
 
 
 def test_probe_valid_json(server):
@@ -751,3 +597,81 @@ def test_the_example_handler_serves(tmp_path):
         assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1]
     finally:
         assert srv.stop() == 0
+
+
+TRAIN_THEN_SERVE = {
+    "train.py": (
+        "import json, os\n"
+        "with open(os.path.join(os.environ['TRAINENV_MODEL_DIR'], 'model.json'), 'w') as f:\n"
+        "    json.dump({'scale': 3}, f)\n"
+    ),
+    "inference.py": (
+        "import json, os\n\n"
+        "def model_fn(model_dir):\n"
+        "    with open(os.path.join(model_dir, 'model.json')) as f:\n"
+        "        return json.load(f)['scale']\n\n"
+        "def predict_fn(data, scale):\n"
+        "    return [scale * x for x in data]\n"
+    ),
+}
+
+
+def test_serve_finds_the_model_that_train_wrote_in_the_same_base_dir(tmp_path):
+    from launch_support import TRAINENV, make_tree, run_train
+
+    base = make_tree(tmp_path / "job", TRAIN_THEN_SERVE)
+    result = run_train(base, TRAINENV_ENTRY_POINT="train.py")
+    assert result.returncode == 0, result.stderr.decode()
+    assert (base / "output" / "model" / "model.json").is_file() and not (base / "model").exists()
+    srv = Server(base, {}, argv=[TRAINENV, "serve"])
+    try:
+        srv.wait_ready()
+        assert srv.post(b"[1, 2]")[2] == b"[3,6]"
+        assert f"model dir {base / 'output' / 'model'}" in srv.log
+    finally:
+        assert srv.stop() == 0, srv.log
+
+
+def test_serve_help_lists_its_options_and_stands_on_its_own():
+    import subprocess
+
+    from launch_support import TRAINENV
+
+    result = subprocess.run([TRAINENV, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for option in ("--port", "--model-dir", "--server [stdlib|gunicorn]", "--workers"):
+        assert option in result.stdout, result.stdout
+    for reference in ("CONTRACT", "§", "shared/", ".md"):
+        assert reference not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_serve_options_override_their_variables(tmp_path, kind):
+    from launch_support import TRAINENV
+
+    other = "stdlib" if kind == "gunicorn" else "gunicorn"
+    bad = {
+        "TRAINENV_SERVING_PORT": "eighty",
+        "TRAINENV_MODEL_DIR": str(tmp_path / "nowhere"),
+        "TRAINENV_SERVER": other,
+        "TRAINENV_SERVING_WORKERS": "zero",
+    }
+    argv = [TRAINENV, "serve", "--port", "0", "--model-dir", str(EXAMPLE_MODEL), "--server", kind, "--workers", "1"]
+    srv = Server(tmp_path, bad, argv=argv)
+    try:
+        srv.wait_ready()
+        assert f"server {kind}, " in srv.log and "/examples/serving/model)" in srv.log  # (PWD may be masked)
+        assert srv.post(b"[[5.1, 3.5, 1.4]]")[0] == 200
+    finally:
+        assert srv.stop() == 0, srv.log
+
+
+def test_a_bad_option_or_variable_stops_serve_with_78_naming_it(tmp_path):
+    from launch_support import TRAINENV
+
+    srv = Server(make_base(tmp_path), {}, wait_listening=False, argv=[TRAINENV, "serve", "--port", "eighty"])
+    assert srv.wait_exit(30) == 78
+    assert "option --port: 'eighty' is not a port number" in srv.log, srv.log
+    srv = Server(tmp_path, {"TRAINENV_SERVING_READ_TIMEOUT": "soon"}, wait_listening=False, argv=[TRAINENV, "serve"])
+    assert srv.wait_exit(30) == 78
+    assert "TRAINENV_SERVING_READ_TIMEOUT: 'soon' is not a number of seconds" in srv.log, srv.log

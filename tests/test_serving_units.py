@@ -36,8 +36,9 @@ from trainenv.serving.pool import (
 LAYOUT = Layout(Path("/ml"))
 
 
-def resolve(env=None, cpus=8, gpus=0):
-    return resolve_serving_env(env or {}, LAYOUT, cpus, gpus)
+def resolve(env=None, cpus=8, gpus=0, flags=None, dirs=()):
+    """Resolve with only ``dirs`` existing on the (pretend) filesystem."""
+    return resolve_serving_env(env or {}, LAYOUT, cpus, gpus, flags or {}, is_dir=lambda p: p in dirs)
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -175,6 +176,92 @@ def test_model_dir_sources():
     assert resolve({"SM_MODEL_DIR": "/opt/ml/model"}).model_dir == Path("/opt/ml/model")
     env = resolve({"TRAINENV_MODEL_DIR": "/m"})
     assert env.handler_files[0] == Path("/m/code/inference.py")
+
+
+def test_model_dir_defaults_to_output_model_when_only_that_exists():
+    trained, served = Path("/ml/output/model"), Path("/ml/model")
+    assert resolve().model_dir == served
+    assert resolve(dirs=(trained,)).model_dir == trained
+    assert resolve(dirs=(trained, served)).model_dir == served
+    env = resolve(dirs=(trained,))
+    assert env.handler_files == (trained / "code" / "inference.py", Path("/ml/usercode/inference.py"))
+    assert resolve({"TRAINENV_MODEL_DIR": "/m"}, dirs=(trained,)).model_dir == Path("/m")
+
+
+def test_flags_override_every_variable_and_say_so():
+    env = resolve(
+        {"TRAINENV_SERVING_PORT": "eighty", "TRAINENV_SERVER": "uwsgi", "TRAINENV_SERVING_WORKERS": "x", "TRAINENV_MODEL_DIR": "/v"},
+        flags={"port": "9001", "server": "gunicorn", "workers": "3", "model_dir": "/f"},
+    )
+    assert (env.port, env.server, env.workers, env.model_dir) == (9001, "gunicorn", 3, Path("/f"))
+    assert env.sources["port"] == "option --port" and env.port_source == "option --port"
+    assert env.sources["model_dir"] == "option --model-dir" and env.sources["threads"] == "default"
+    with pytest.raises(ConfigError, match=r"^option --port: 'eighty' is not a port number"):
+        resolve(flags={"port": "eighty"})
+    with pytest.raises(ConfigError, match=r"^option --workers: '0' is not a worker count"):
+        resolve(flags={"workers": "0"})
+
+
+NON_DEFAULT = {
+    "TRAINENV_SERVING_HOST": "127.0.0.1",
+    "SAGEMAKER_BIND_TO_PORT": "9100",
+    "TRAINENV_SERVER": "gunicorn",
+    "SAGEMAKER_MODEL_SERVER_WORKERS": "3",
+    "TRAINENV_SERVING_THREADS": "7",
+    "SAGEMAKER_MODEL_SERVER_TIMEOUT": "9.5",
+    "TRAINENV_SERVING_STARTUP_TIMEOUT": "300",
+    "TRAINENV_GRACE_SECONDS": "5",
+    "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2",
+    "TRAINENV_SERVING_MAX_QUEUE": "3",
+    "TRAINENV_SERVING_MAX_CONNECTIONS": "9",
+    "TRAINENV_SERVING_BACKLOG": "256",
+    "TRAINENV_SERVING_KEEPALIVE": "4",
+    "TRAINENV_SERVING_READ_TIMEOUT": "2",
+    "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT": "text/csv",
+    "AIP_STORAGE_URI": "file:///mnt/m",
+    "SAGEMAKER_PROGRAM": "serve.py",
+    "TRAINENV_SERVING_MODEL_NAME": "iris",
+    "AIP_HEALTH_ROUTE": "/h",
+    "AIP_PREDICT_ROUTE": "/p",
+    "SAGEMAKER_CONTAINER_LOG_LEVEL": "30",
+    "TRAINENV_SERVING_ACCESS_LOG": "off",
+}
+
+
+def test_the_shell_variables_are_exactly_the_ones_read_and_reproduce_the_settings():
+    from trainenv.settings.serving import SERVING, serving_variables
+
+    env = resolve(NON_DEFAULT)
+    assert all(env.sources[s.name] != "default" for s in SERVING), env.sources
+    variables = serving_variables(env)
+    assert set(variables) == {s.variable for s in SERVING}
+    assert resolve(variables) == env  # the printed names, read back, give the same settings
+    for name in variables:  # each printed name is read: a bad value stops the start naming it
+        if name in ("TRAINENV_MODEL_DIR",):
+            continue
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            resolve({**variables, name: "\n bad value"})
+    for unread in ("TRAINENV_SERVING_TIMEOUT_S", "TRAINENV_SERVING_GRACE_S", "TRAINENV_SERVING_HANDLER", "TRAINENV_SERVING_SERVER"):
+        assert unread not in variables
+
+
+def test_env_serving_shell_prints_the_names_serve_reads(run_trainenv, tmp_path):
+    from trainenv.settings.serving import SERVING
+
+    result = run_trainenv("env", "--serving", "--format", "shell", cwd=tmp_path, extra_env={"TRAINENV_BASE_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    names = {line.split()[1].split("=", 1)[0] for line in result.stdout.splitlines() if line.startswith("export ")}
+    assert names == {s.variable for s in SERVING}, names
+    assert "TRAINENV_SERVING_TIMEOUT_S" not in result.stdout and "TRAINENV_SERVING_HANDLER" not in result.stdout
+
+
+def test_docs_list_every_serving_variable():
+    from trainenv.settings.serving import SERVING
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "serving.md").read_text()
+    for setting in SERVING:
+        for name in (setting.variable, *setting.fallbacks):
+            assert f"`{name}`" in text, name
 
 
 def test_handler_forms():
@@ -551,3 +638,36 @@ def test_serving_env_is_exported():
     import trainenv.serving as serving
 
     assert serving.ServingEnv is ServingEnv and callable(serving.run_server)
+
+
+def test_serving_modules_import_in_one_direction_and_the_app_knows_no_server():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "src"
+    names = {
+        ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): path
+        for path in (root / "trainenv" / "serving").rglob("*.py")
+    }
+    graph = {}
+    for name, path in names.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):  # imports for type checkers only are not edges
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+                node.body = []
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:  # ``from pkg import module`` is an edge to the module
+                    sub = f"{node.module}.{alias.name}"
+                    graph[name].add(sub if sub in names else node.module)
+        assert len(path.read_text().splitlines()) <= 500, path
+    graph = {k: {m for m in v if m in graph and m != k} for k, v in graph.items()}
+
+    def reaches(start, goal, seen=()):
+        return any(m == goal or (m not in seen and reaches(m, goal, (*seen, m))) for m in graph[start])
+
+    cycles = [k for k in graph if reaches(k, k)]
+    assert not cycles, cycles
+    for module in ("trainenv.serving.app", "trainenv.serving.request", "trainenv.serving.answers"):
+        source = (root / Path(*module.split("."))).with_suffix(".py").read_text()
+        assert "gunicorn" not in source.lower() and "servers" not in graph[module], module

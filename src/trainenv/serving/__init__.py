@@ -11,20 +11,22 @@ A handler module (``inference.py``) written for SageMaker runs unchanged::
             raise BadRequest("empty input")   # -> 400 {"error": "bad_request", "message": ...}
         return model.predict(data)
 
-Serve it with ``trainenv serve`` or ``python -m trainenv.serving``; both call
-``trainenv.serving.server.run_server(env, log) -> exit code`` (also importable from here) with
-the ``ServingEnv`` from ``trainenv.serving.config.resolve_serving_env``. Where to read more:
+Serve it with ``trainenv serve`` or ``python -m trainenv.serving``; both run
+``trainenv.serving.startup.main``. ``run_server(env, log) -> exit code`` (also importable from
+here) serves a ``ServingEnv`` of your own. Where to read more:
 
 | module | what |
 |---|---|
-| ``config`` | ``ServingEnv``, every variable and default, ``resolve_serving_env`` |
+| ``trainenv.settings.serving`` | every setting: its variables, default and help |
+| ``config`` | ``ServingEnv``, ``resolve_serving_env`` |
+| ``startup`` | start-up order, exit codes |
 | ``handler`` | finding and importing the handler, the hooks and their defaults |
 | ``app`` | routes, status codes, readiness, error bodies |
+| ``request`` | reading the body within its limit, its media type |
 | ``codecs`` / ``media`` | content types, ``Accept`` negotiation |
 | ``protocols`` | Vertex AI and KServe v2 request/response shapes |
 | ``pool`` | handler threads, queue, 503 when saturated, 504 on timeout |
-| ``stdlib_server`` / ``gunicorn_server`` | the two servers |
-| ``server`` | ``run_server``: start-up order, SIGTERM drain, exit codes |
+| ``servers`` | the stdlib server (default) and gunicorn: SIGTERM drain |
 
 Importing this package is cheap: it loads the error and response classes only.
 """
@@ -61,12 +63,12 @@ __all__ = [
 _LAZY = {
     "ServingEnv": "trainenv.serving.config",
     "resolve_serving_env": "trainenv.serving.config",
-    "run_server": "trainenv.serving.server",
+    "run_server": "trainenv.serving.startup",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainenv.serving.config import ServingEnv, resolve_serving_env
-    from trainenv.serving.server import run_server
+    from trainenv.serving.startup import run_server
 
 
 def __getattr__(name: str) -> Any:

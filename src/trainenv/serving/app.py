@@ -23,27 +23,26 @@ traceback; the traceback goes to the log with the request id:
 | wrong method | 405 with ``Allow`` |
 | no acceptable response type | 406 |
 | ``Content-Length`` over ``max_request_bytes`` (decided before reading; the connection is closed), or a chunked body passing it while read | 413 |
-| ``Content-Type`` not a media type, or not supported (default ``input_fn``) | 415 |
+| the client went silent mid-body (the server's read timeout): one WARNING line, no access line | 408, connection closed |
+| ``Content-Type`` not a media type, or not supported (default ``input_fn``); the message says how to send JSON | 415 |
 | a hook raised ``trainenv.serving.HTTPError(status, message)`` | that status |
 | a hook raised anything else | 500 (``"<hook> raised <Type>: <message>"``) |
 | not ready (loading, ``ready_fn`` false, draining), or every handler thread busy and the queue full | 503 with ``Retry-After`` |
 | the handler did not answer within ``timeout_s`` | 504, sent when the deadline passes; the connection is closed, the call finishes in the background and still holds its slot |
 
 Handler calls run in the server's own request thread, at most ``threads`` at once, at most
-``max_queue`` waiting (``trainenv.serving.pool.InlineRunner``). When a call passes ``timeout_s``,
-the runner's watchdog answers 504 at once through the server (``environ["trainenv.timeout_writer"]``
-on the stdlib server, the raw ``environ["gunicorn.socket"]`` on gunicorn) and closes that
-connection; the handler's late result is dropped.
+``max_queue`` waiting (``trainenv.serving.pool.InlineRunner``). A hook that raises anything,
+even ``SystemExit`` or ``KeyboardInterrupt``, fails its request alone (500). When a call passes
+``timeout_s``, the runner's watchdog answers 504 at once through
+``environ["trainenv.timeout_writer"]`` (each server provides one) and that connection closes;
+the handler's late result is dropped.
 
 Error messages (bodies and log lines) have the environment's secret values and URL
-credentials masked (``trainenv.redact``). A missing ``Content-Type`` means ``application/json``; a missing ``Accept`` or ``*/*`` means
+credentials masked (``trainenv.redact``). A missing ``Accept`` or ``*/*`` means
 ``default_accept``. The request id is the client's ``X-Request-Id`` (or
 ``X-Amzn-RequestId``) when it is sane, else generated; it is echoed in ``X-Request-Id``.
 The app sets ``environ["trainenv.must_close"]`` to ask the server to close the connection after
-the answer. The decision to answer 413 is taken from ``Content-Length`` before reading. The
-stdlib server (``environ["trainenv.lingers"]``) then sends the answer and drops the rest of the
-body while half-closed; on gunicorn, which cannot, the app reads and drops it first (at most
-64 MiB; beyond that the client may see a reset instead of the 413).
+the answer. Reading the body and its type: ``trainenv.serving.request``.
 """
 
 from __future__ import annotations
@@ -52,19 +51,25 @@ import itertools
 import os
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from trainenv.redact import redact_text
-from trainenv.serving import codecs, media, protocols
-from trainenv.serving.api import (
-    HTTPError,
-    RequestContext,
-    reason_phrase,
-    status_code_name,
+from trainenv.serving import codecs, protocols
+from trainenv.serving.answers import (
+    JSON_CT,
+    Result,
+    clean,
+    error_answer,
+    request_context,
+    shown_path,
+    status_line,
+    user_headers,
 )
+from trainenv.serving.api import HTTPError
 from trainenv.serving.config import ServingEnv
-from trainenv.serving.handler import Handler, HookError
+from trainenv.serving.handler import Handler, HandlerError, HookError
 from trainenv.serving.logsink import ServingLog
+from trainenv.serving.request import ClientGone, content_type, read_body
 from trainenv.serving.pool import (
     AlreadyAnswered,
     DeadlineExceeded,
@@ -77,31 +82,8 @@ READY = "ready"
 DRAINING = "draining"
 FAILED = "failed"
 
-RETRY_AFTER_S = "1"
-_READ_CHUNK = 65536
-DISCARD_LIMIT = 64 * 1024 * 1024
-_MAX_MESSAGE = 1000
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 _V2_MODEL = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?\Z")
-_STATUS_LINES: Dict[int, str] = {}
-_JSON_CT = ("Content-Type", "application/json")
-
-Result = Tuple[int, List[Tuple[str, str]], bytes]
-
-
-def status_line(status: int) -> str:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        line = _STATUS_LINES[status] = f"{status} {reason_phrase(status)}"
-    return line
-
-
-def _clean(text: str) -> str:
-    """One line, no CR/LF (they must never reach a header or a reason phrase), bounded."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
-
-
 class ServingApp:
     """The WSGI callable for one process (one handler, one pool)."""
 
@@ -135,10 +117,24 @@ class ServingApp:
         self._routes = routes
         self._health = {"/ping", "/v2/health/live", "/v2/health/ready", env.vertex_health_route}
 
-    # -- lifecycle, set by the server ---------------------------------------------------------
+    # -- lifecycle, driven by the server ------------------------------------------------------
 
-    def set_ready(self) -> None:
-        self.state = READY
+    def load(self) -> float:
+        """Load the model (``pre_model_fn``, ``model_fn``, warm-up), then answer ``/ping`` 200;
+        the seconds taken. ``HandlerError`` (exit 78) when anything in it raised."""
+        try:
+            seconds = self.handler.load()
+        except HandlerError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - even sys.exit in model_fn is a load failure
+            raise HandlerError(f"loading the model failed: {type(exc).__name__}: {exc}", _format_exc()) from None
+        if self.state == LOADING:
+            self.state = READY
+        return seconds
+
+    def stop(self) -> None:
+        """Stop the pool's watchdog (after the last request)."""
+        self.pool.stop()
 
     def set_draining(self) -> None:
         self.state = DRAINING
@@ -156,8 +152,16 @@ class ServingApp:
         path = environ.get("PATH_INFO") or "/"
         request_id = self._request_id(environ)
         environ["trainenv.started"] = started
+        access = self._access
         try:
             status, headers, body = self._dispatch(environ, method, path, request_id)
+        except ClientGone as exc:  # the client's doing, not ours: one warning, no 500
+            self.log.warning(
+                f'{environ.get("REMOTE_ADDR", "-")} "{method} {shown_path(path)}" [{request_id}]: {exc}; '
+                "answered 408 and closed the connection"
+            )
+            access = False  # that warning is the request's one line
+            status, headers, body = self._error(408, str(exc), request_id)
         except Exception as exc:  # noqa: BLE001 - a bug here must still answer
             self.log.error(
                 f"internal error on {method} {path} [{request_id}]: {type(exc).__name__}: {exc}",
@@ -169,7 +173,7 @@ class ServingApp:
         headers.append(("Content-Length", str(len(body))))
         headers.append(("X-Request-Id", request_id))
         start_response(status_line(status), headers)
-        if self._access and not environ.get("trainenv.answered"):
+        if access and not environ.get("trainenv.answered"):
             self._access_line(environ, method, path, status, len(body), request_id)
         return [body]
 
@@ -180,7 +184,7 @@ class ServingApp:
         if health and not self._access_health:
             return
         elapsed = (time.perf_counter() - environ["trainenv.started"]) * 1000.0
-        line = f'{environ.get("REMOTE_ADDR", "-")} "{method} {_shown_path(path)}" {status} {size} {elapsed:.1f}ms {request_id}'
+        line = f'{environ.get("REMOTE_ADDR", "-")} "{method} {shown_path(path)}" {status} {size} {elapsed:.1f}ms {request_id}'
         if health:
             self.log.debug(line)
         else:
@@ -197,7 +201,7 @@ class ServingApp:
         if methods is None:
             if path.startswith("/v2/models/"):
                 return self._v2_model(environ, method, path, request_id)
-            return self._error(404, f"no route {_shown_path(path)}", request_id)
+            return self._error(404, f"no route {shown_path(path)}", request_id)
         handler = methods.get("GET" if method == "HEAD" else method)
         if handler is None:
             return self._method_not_allowed(method, path, methods, request_id)
@@ -208,7 +212,7 @@ class ServingApp:
     ) -> Result:
         allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
         status, headers, body = self._error(
-            405, f"{method} is not allowed on {_shown_path(path)}; use {', '.join(allowed)}", request_id, v2
+            405, f"{method} is not allowed on {shown_path(path)}; use {', '.join(allowed)}", request_id, v2
         )
         headers.append(("Allow", ", ".join(allowed)))
         return status, headers, body
@@ -224,18 +228,7 @@ class ServingApp:
         headers: Iterable[Tuple[str, str]] = (),
         code: Optional[str] = None,
     ) -> Result:
-        message = _clean(redact_text(message, self.log.secrets))
-        if v2:
-            body = codecs.to_json({"error": message})
-        else:
-            body = codecs.to_json(
-                {"error": code or status_code_name(status), "message": message, "request_id": request_id}
-            )
-        out = [_JSON_CT]
-        out.extend(_user_headers(headers))
-        if status == 503 and not any(k.lower() == "retry-after" for k, _ in out):
-            out.append(("Retry-After", RETRY_AFTER_S))
-        return status, out, body
+        return error_answer(status, redact_text(message, self.log.secrets), request_id, v2, headers, code)
 
     def _not_ready(self, request_id: str, v2: bool = False) -> Result:
         return self._error(503, f"not ready: {self._not_ready_reason}", request_id, v2)
@@ -245,8 +238,8 @@ class ServingApp:
             return False
         try:
             ready = self.handler.ready()
-        except Exception as exc:  # noqa: BLE001
-            problem = f"ready_fn raised {type(exc).__name__}: {exc}"
+        except HookError as exc:
+            problem = str(exc)
             if problem != self._last_ready_problem:
                 self.log.warning(problem, _format_exc())
             self._last_ready_problem = problem
@@ -265,103 +258,25 @@ class ServingApp:
             if self.state == READY:
                 return self._error(503, f"not ready: {self._last_ready_problem}", request_id)
             return self._not_ready(request_id)
-        return 200, [_JSON_CT], b'{"status":"ready"}'
+        return 200, [JSON_CT], b'{"status":"ready"}'
 
     def _live(self, environ: dict, request_id: str) -> Result:
-        return 200, [_JSON_CT], b'{"live":true}'
+        return 200, [JSON_CT], b'{"live":true}'
 
     def _v2_ready(self, environ: dict, request_id: str) -> Result:
         if not self._is_ready():
             return self._error(
                 503, f"not ready: {self._last_ready_problem or self._not_ready_reason}", request_id, v2=True
             )
-        return 200, [_JSON_CT], b'{"ready":true}'
+        return 200, [JSON_CT], b'{"ready":true}'
 
     def _v2_metadata(self, environ: dict, request_id: str) -> Result:
         from trainenv import __version__
 
-        return 200, [_JSON_CT], codecs.to_json({"name": "trainenv", "version": __version__, "extensions": []})
+        return 200, [JSON_CT], codecs.to_json({"name": "trainenv", "version": __version__, "extensions": []})
 
     def _execution_parameters(self, environ: dict, request_id: str) -> Result:
         return self._through_pool(environ, self.handler.execution_parameters, (), request_id)
-
-    # -- reading the request ------------------------------------------------------------------
-
-    def _read_body(self, environ: dict) -> bytes:
-        limit = self.env.max_request_bytes
-        stream = environ["wsgi.input"]
-        length_text = environ.get("CONTENT_LENGTH")
-        if length_text:
-            try:
-                length = int(length_text)
-                if length < 0:
-                    raise ValueError
-            except ValueError:
-                environ["trainenv.must_close"] = True
-                raise HTTPError(400, f"Content-Length {length_text!r} is not a byte count") from None
-            if length > limit:
-                environ["trainenv.must_close"] = True
-                _discard(environ, stream, length)
-                raise HTTPError(
-                    413, f"the body is {length} bytes; the limit is {limit} bytes (max_request_bytes)"
-                )
-            body = stream.read(length) if length else b""
-            if len(body) != length:
-                environ["trainenv.must_close"] = True
-                raise HTTPError(400, f"the body ended after {len(body)} of {length} bytes")
-            return body
-        if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
-            return b""
-        parts: List[bytes] = []
-        size = 0
-        while True:
-            chunk = stream.read(min(_READ_CHUNK, limit + 1 - size))
-            if not chunk:
-                return b"".join(parts)
-            size += len(chunk)
-            if size > limit:
-                environ["trainenv.must_close"] = True
-                _discard(environ, stream, None)
-                raise HTTPError(
-                    413, f"the chunked body passed the limit of {limit} bytes (max_request_bytes)"
-                )
-            parts.append(chunk)
-
-    def _content_type(self, environ: dict) -> Tuple[str, Dict[str, str]]:
-        header = environ.get("CONTENT_TYPE") or ""
-        if not header.strip():
-            return codecs.JSON, {}
-        parsed = media.parse_media_type(header)
-        if parsed is None:
-            raise HTTPError(415, f"Content-Type {header!r} is not a media type")
-        return parsed
-
-    def _context(
-        self,
-        environ: dict,
-        request_id: str,
-        content_type: str,
-        accept: str,
-        route: str,
-        parameters: Any = None,
-    ) -> RequestContext:
-        headers = {
-            key[5:].replace("_", "-").title(): value
-            for key, value in environ.items()
-            if key.startswith("HTTP_")
-        }
-        if environ.get("CONTENT_TYPE"):
-            headers["Content-Type"] = environ["CONTENT_TYPE"]
-        return RequestContext(
-            request_id=request_id,
-            headers=headers,
-            content_type=content_type,
-            accept=accept,
-            route=route,
-            parameters=parameters,
-            target_model=environ.get("HTTP_X_AMZN_SAGEMAKER_TARGET_MODEL"),
-            custom_attributes=environ.get("HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"),
-        )
 
     # -- running the handler ------------------------------------------------------------------
 
@@ -375,14 +290,11 @@ class ServingApp:
 
     def _on_timeout(self, environ: dict, request_id: str, v2: bool) -> Callable[[], None]:
         """Called by the watchdog when the deadline passes: answer 504 now, while the handler
-        still runs, through the server's writer (stdlib: ``trainenv.timeout_writer``; gunicorn:
-        its ``gunicorn.socket``). Without either, the 504 goes out when the handler returns."""
+        still runs, through the server's ``environ["trainenv.timeout_writer"]``. Without one,
+        the 504 goes out when the handler returns."""
 
         def on_timeout() -> None:
             writer = environ.get("trainenv.timeout_writer")
-            if writer is None:
-                sock = environ.get("gunicorn.socket")
-                writer = None if sock is None else _socket_writer(sock)
             if writer is None:
                 return
             status, headers, body = self._timeout_answer(request_id, v2)
@@ -414,7 +326,7 @@ class ServingApp:
             if not environ.get("trainenv.answered"):
                 return self._timeout_answer(request_id, v2)
             # Answered and closed already; what we return now only meets a closed socket
-            # (gunicorn ignores the EPIPE; the stdlib server does not write it).
+            # (a server either skips it or meets a closed socket).
             return 504, [], b""
         except Saturated:
             self.log.warning(
@@ -447,16 +359,16 @@ class ServingApp:
             detail = "".join(traceback.format_exception(type(exc.error), exc.error, exc.error.__traceback__))
             self.log.error(f"request {request_id} failed: {exc}", detail)
             return self._error(500, f"{exc} (request id {request_id})", request_id, v2)
-        headers = [("Content-Type", _clean(content_type))]
-        headers.extend(_user_headers(extra))
+        headers = [("Content-Type", clean(content_type))]
+        headers.extend(user_headers(extra))
         return status, headers, body
 
     def _invocations(self, environ: dict, request_id: str) -> Result:
         if self.state != READY:
             return self._not_ready(request_id)
         try:
-            body = self._read_body(environ)
-            media_type, params = self._content_type(environ)
+            body = read_body(environ, self.env.max_request_bytes)
+            media_type, params = content_type(environ)
         except HTTPError as exc:
             return self._error(exc.status, exc.message, request_id)
         accept_header = environ.get("HTTP_ACCEPT")
@@ -468,7 +380,7 @@ class ServingApp:
                 request_id,
             )
         context = (
-            self._context(environ, request_id, media_type, accept[0], "/invocations")
+            request_context(environ, request_id, media_type, accept[0], "/invocations")
             if self.handler.wants_context
             else None
         )
@@ -480,13 +392,16 @@ class ServingApp:
         self, environ: dict, request_id: str, v2: bool
     ) -> Tuple[Optional[bytes], Optional[Result]]:
         try:
-            body = self._read_body(environ)
-            media_type, _ = self._content_type(environ)
+            body = read_body(environ, self.env.max_request_bytes)
+            media_type, _ = content_type(environ)
         except HTTPError as exc:
             return None, self._error(exc.status, exc.message, request_id, v2)
         if media_type != codecs.JSON and not media_type.endswith("+json"):
             return None, self._error(
-                415, f"Content-Type must be application/json, got {media_type}", request_id, v2
+                415,
+                f"Content-Type must be application/json, got {media_type}; {codecs.how_to_send_json(media_type)}",
+                request_id,
+                v2,
             )
         return body, None
 
@@ -502,7 +417,7 @@ class ServingApp:
         instances, parameters = protocols.parse_vertex_request(body)
         context = None
         if self.handler.wants_context:
-            context = self._context(environ, request_id, codecs.JSON, codecs.JSON, "vertex", parameters)
+            context = request_context(environ, request_id, codecs.JSON, codecs.JSON, "vertex", parameters)
         prediction = self.handler.predict_objects(instances, context)
         try:
             return 200, codecs.JSON, (), protocols.vertex_response(prediction)
@@ -512,7 +427,7 @@ class ServingApp:
     def _v2_model(self, environ: dict, method: str, path: str, request_id: str) -> Result:
         match = _V2_MODEL.match(path)
         if match is None:
-            return self._error(404, f"no route {_shown_path(path)}", request_id, v2=True)
+            return self._error(404, f"no route {shown_path(path)}", request_id, v2=True)
         name, version, action = match.groups()
         if name != self.env.model_name:
             return self._error(
@@ -534,7 +449,7 @@ class ServingApp:
                 "inputs": [],
                 "outputs": [],
             }
-            return 200, [_JSON_CT], codecs.to_json(document)
+            return 200, [JSON_CT], codecs.to_json(document)
         if self.state != READY:
             return self._not_ready(request_id, v2=True)
         body, failure = self._json_body(environ, request_id, v2=True)
@@ -550,7 +465,7 @@ class ServingApp:
         request = protocols.V2Request(body)
         context = None
         if self.handler.wants_context:
-            context = self._context(environ, request_id, codecs.JSON, codecs.JSON, "v2", request.parameters)
+            context = request_context(environ, request_id, codecs.JSON, codecs.JSON, "v2", request.parameters)
         prediction = self.handler.predict_objects(request.data, context)
         try:
             return (
@@ -563,66 +478,7 @@ class ServingApp:
             raise HookError("predict_fn", exc) from None
 
 
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+\Z")
-_HOP_BY_HOP = frozenset(
-    ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length")
-)
-
-
-def _user_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
-    """Headers from a hook's ``Response``/``HTTPError``: valid names only, one-line values, no
-    hop-by-hop or framing headers (the server owns those)."""
-    return [
-        (str(name), _clean(value))
-        for name, value in headers
-        if _TOKEN.match(str(name)) and str(name).lower() not in _HOP_BY_HOP
-    ]
-
-
-def _socket_writer(sock: Any) -> Callable[[str, List[Tuple[str, str]], bytes], None]:
-    """Write a complete ``Connection: close`` answer on a raw socket, then shut it down."""
-
-    def write(status_text: str, headers: List[Tuple[str, str]], body: bytes) -> None:
-        lines = (
-            [f"HTTP/1.1 {status_text}"]
-            + [f"{name}: {value}" for name, value in headers]
-            + ["Connection: close", "", ""]
-        )
-        try:
-            sock.sendall("\r\n".join(lines).encode("latin-1") + body)
-            sock.shutdown(2)  # socket.SHUT_RDWR
-        except OSError:
-            pass
-
-    return write
-
-
 def _format_exc() -> str:
     import traceback
 
     return traceback.format_exc()
-
-
-def _discard(environ: dict, stream: Any, length: Optional[int]) -> None:
-    """Before a 413 on a server that cannot half-close (gunicorn): read and drop the rest of the
-    body, at most ``DISCARD_LIMIT`` bytes, so the client gets to read the answer. The stdlib
-    server sets ``trainenv.lingers`` and does this itself after answering."""
-    if environ.get("trainenv.lingers"):
-        return
-    left = DISCARD_LIMIT if length is None else length
-    if left > DISCARD_LIMIT:
-        return
-    try:
-        while left > 0:
-            chunk = stream.read(min(_READ_CHUNK, left))
-            if not chunk:
-                return
-            left -= len(chunk)
-    except Exception:  # noqa: BLE001 - best effort; the answer is a 413 either way
-        return
-
-
-def _shown_path(path: str) -> str:
-    """The path for logs and messages: printable, bounded (query strings never reach here)."""
-    text = path if path.isprintable() else path.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= 200 else text[:197] + "..."

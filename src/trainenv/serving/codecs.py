@@ -150,8 +150,18 @@ def decode(body: bytes, media_type: str, params: Dict[str, str]) -> Any:
         return _npy(body)
     raise UnsupportedType(
         f"Content-Type {media_type} is not supported by the default input_fn "
-        f"(supported: {', '.join(decodable_types())}); define input_fn to accept it"
+        f"(supported: {', '.join(decodable_types())}); {how_to_send_json(media_type)}, "
+        "or define input_fn to accept it"
     )
+
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def how_to_send_json(media_type: str) -> str:
+    """The hint in a 415 answer: how to send JSON (with curl, whose ``-d`` sends a form type)."""
+    hint = "send JSON with -H 'Content-Type: application/json'"
+    return f"{hint} (curl -d sends {FORM})" if media_type == FORM else hint
 
 
 def plain_value(value: Any) -> Any:

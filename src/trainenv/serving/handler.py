@@ -74,7 +74,8 @@ class HookError(Exception):
     """A user hook raised something other than ``HTTPError`` while serving a request."""
 
     def __init__(self, hook: str, error: BaseException) -> None:
-        super().__init__(f"{hook} raised {type(error).__name__}: {error}")
+        text = str(error)
+        super().__init__(f"{hook} raised {type(error).__name__}" + (f": {text}" if text else ""))
         self.hook = hook
         self.error = error
 
@@ -294,9 +295,14 @@ class Handler:
         return time.monotonic() - started
 
     def ready(self) -> bool:
-        """``ready_fn(model)`` when defined; exceptions count as not ready (and propagate for logging)."""
+        """``ready_fn(model)`` when defined; ``HookError`` when it raised (even ``sys.exit``)."""
         fn = self.hooks.get("ready_fn")
-        return True if fn is None else bool(fn(self.model))
+        if fn is None:
+            return True
+        try:
+            return bool(fn(self.model))
+        except BaseException as exc:  # noqa: BLE001 - as in _call
+            raise HookError("ready_fn", exc) from exc
 
     def _call(self, name: str, args: Tuple, context: Optional[RequestContext]) -> Any:
         fn = self.hooks.user[name]
@@ -306,7 +312,7 @@ class Handler:
             return fn(*args)
         except HTTPError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - sys.exit/KeyboardInterrupt in a hook fail one request
             raise HookError(name, exc) from exc
 
     # -- the request pipeline -------------------------------------------------------------
@@ -354,7 +360,7 @@ class Handler:
             return predict(data)
         except HTTPError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - as in _call
             raise HookError("predict_fn (default: the model)", exc) from exc
 
     def predict_objects(self, data: Any, context: Optional[RequestContext]) -> Any:

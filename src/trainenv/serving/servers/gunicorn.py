@@ -5,7 +5,7 @@ file; ``GUNICORN_CMD_ARGS`` is not read). The settings:
 
 | gunicorn setting | value |
 |---|---|
-| ``bind`` | ``fd://N``: a dup of the socket ``run_server`` bound, so bind errors and the log line are ours |
+| ``bind`` | ``fd://N``: a dup of the socket start-up bound, so bind errors and the log line are ours |
 | ``workers`` / ``worker_class`` | ``env.workers`` / ``gthread`` (not gevent: 230 ms p99 tail, monkey-patching) |
 | ``threads`` | ``env.threads + env.max_queue`` (at most 256): requests reach the app's pool, which answers 503/504 itself, and ``/ping`` is never stuck behind busy handlers |
 | ``worker_connections`` | ``env.max_connections`` |
@@ -16,12 +16,14 @@ file; ``GUNICORN_CMD_ARGS`` is not read). The settings:
 | ``limit_request_*`` | 8190-byte lines, 100 headers (as the stdlib server) |
 | ``control_socket_disable`` | on, where the setting exists |
 
-The handler module is imported once in the arbiter, before forking, so an import error exits
-78 before any worker starts. Each worker then loads the model in ``load()`` with a heartbeat
-thread notifying the arbiter, and only then starts accepting. A worker whose model fails to
+The handler module is imported once in the arbiter, before forking (``trainenv.serving.startup``),
+so an import error exits 78 before any worker starts. Each worker then builds the app and loads
+the model in ``load()`` with a heartbeat thread notifying the arbiter, and only then starts
+accepting. ``_Bridge`` gives the app what the stdlib server gives it: a read timeout on the
+request's socket (a client silent mid-body is dropped) and ``trainenv.timeout_writer``. A worker whose model fails to
 load exits with gunicorn's ``APP_LOAD_ERROR`` and the arbiter halts; the reason (failure or
 start-up timeout) reaches the arbiter through one byte of shared memory, so ``run_gunicorn``
-returns 78 or 124 as the stdlib server would.
+``run`` returns 78 or 124 as the stdlib server would.
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import socket
 import sys
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
-from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError
-from trainenv.serving.config import ServingEnv
+from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError, TrainenvError
 from trainenv.serving.logsink import ServingLog
 
 _REASON_NONE = 0
@@ -48,7 +50,8 @@ def _post_fork(arbiter: Any, worker: Any) -> None:
     _current_worker["worker"] = worker
 
 
-def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
+def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], slog: ServingLog) -> int:
+    """Serve ``new_app`` on gunicorn workers sharing ``sock``; the exit code (see the module docstring)."""
     try:
         from gunicorn.app.base import BaseApplication
         from gunicorn.errors import AppImportError, HaltServer
@@ -56,15 +59,6 @@ def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
         raise ConfigError.at(
             "TRAINENV_SERVER", None, "'gunicorn' needs gunicorn installed: pip install 'trainenv[serve]'"
         ) from None
-    from trainenv.serving.server import _settings_line, _url, bind_socket, load_hooks
-
-    sock = bind_socket(env)
-    slog.info(f"listening on {_url(sock)} ({_settings_line(env)})")
-    try:
-        hooks = load_hooks(env, slog)
-    except BaseException:
-        sock.close()
-        raise
     reason = mmap.mmap(-1, 1)
     listen_fd = os.dup(sock.fileno())  # gunicorn takes ownership of (and closes) the fd it is given
     sink, level, secrets = slog.sink, env.log_level, slog.secrets
@@ -98,7 +92,7 @@ def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
                     self.cfg.set(key, value)
 
         def load(self) -> Any:
-            return _load_worker_app(env, hooks, ServingLog(sink, level, secrets), reason, AppImportError)
+            return _load_worker_app(env, new_app, ServingLog(sink, level, secrets), reason, AppImportError)
 
     arbiter_pid = os.getpid()
     try:
@@ -131,12 +125,9 @@ def run_gunicorn(env: ServingEnv, slog: ServingLog) -> int:
 
 
 def _load_worker_app(
-    env: ServingEnv, hooks: Any, slog: ServingLog, reason: mmap.mmap, app_import_error: Any
+    env: Any, new_app: Callable[[ServingLog], Any], slog: ServingLog, reason: mmap.mmap, app_import_error: Any
 ) -> Any:
-    """In a worker: load the model (heartbeat running), build the app. Runs before the worker accepts."""
-    from trainenv.serving.app import ServingApp
-    from trainenv.serving.handler import Handler, HandlerError
-
+    """In a worker: build the app and load the model (heartbeat running). Runs before the worker accepts."""
     worker = _current_worker.get("worker")
     done = threading.Event()
     deadline: Optional[float] = (
@@ -157,14 +148,48 @@ def _load_worker_app(
                 worker.notify()
 
     threading.Thread(target=heartbeat, name="trainenv-heartbeat", daemon=True).start()
-    handler = Handler(hooks, env)
+    app = new_app(slog)
     try:
-        seconds = handler.load()
-    except HandlerError as exc:
+        seconds = app.load()
+    except TrainenvError as exc:
         reason[0] = _REASON_LOAD_FAILED
-        slog.error(str(exc), exc.detail)
+        slog.error(str(exc), getattr(exc, "detail", ""))
         raise app_import_error(str(exc)) from None
     finally:
         done.set()
     slog.info(f"worker {os.getpid()} ready: model loaded and warmed up in {seconds:.2f} s")
-    return ServingApp(env, handler, slog)
+    return _Bridge(app, env.read_timeout_s)
+
+
+class _Bridge:
+    """What the stdlib server does for the app, done on gunicorn's socket: a read timeout for
+    the request (a client silent mid-body is dropped) and the writer of early 504 answers."""
+
+    def __init__(self, app: Any, read_timeout_s: float) -> None:
+        self.app = app
+        self.read_timeout_s = read_timeout_s
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        sock = environ.get("gunicorn.socket")
+        if sock is not None:
+            sock.settimeout(self.read_timeout_s)
+            environ["trainenv.timeout_writer"] = _socket_writer(sock)
+        return self.app(environ, start_response)
+
+
+def _socket_writer(sock: Any) -> Any:
+    """Write a complete ``Connection: close`` answer on a raw socket, then shut it down."""
+
+    def write(status_text: str, headers: list, body: bytes) -> None:
+        lines = (
+            [f"HTTP/1.1 {status_text}"]
+            + [f"{name}: {value}" for name, value in headers]
+            + ["Connection: close", "", ""]
+        )
+        try:
+            sock.sendall("\r\n".join(lines).encode("latin-1") + body)
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    return write

@@ -1,0 +1,12 @@
+"""The two servers of the one WSGI app; each module has ``run(env, sock, new_app, log) -> exit code``.
+
+| module | what |
+|---|---|
+| ``stdlib`` | trainenv's own HTTP/1.1 server, one process (the default) |
+| ``http11`` | its request parsing, request bodies and answer heads |
+| ``gunicorn`` | the same app on gunicorn ``gthread`` workers (``TRAINENV_SERVER=gunicorn``) |
+
+``trainenv.serving.startup`` binds the socket, imports the handler and picks the module; a
+server knows the app only as a WSGI callable with ``load()``, ``set_failed()``,
+``set_draining()`` and ``stop()``.
+"""
