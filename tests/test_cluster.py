@@ -452,7 +452,7 @@ BAD = [
     ({"TF_CONFIG": tf_config("worker", 0, {"worker": ["[fd00::1:2222"]})}, None, None, "TF_CONFIG: cluster.worker[0]", "not [address]:port"),
     ({"TF_CONFIG": tf_config("worker", 0, {"worker": ["a:1", "a:1"]})}, None, None, "TF_CONFIG: cluster", "'a:1' is listed twice"),
     ({"TF_CONFIG": json.dumps({"sparseCluster": {"worker": {"x": "a:1"}}, "task": {"type": "worker", "index": 0}})}, None, None, "TF_CONFIG: sparseCluster.worker", "'x' is not a task index"),
-    ({"TF_CONFIG": "[" * 100000}, None, None, "TF_CONFIG", "not valid JSON"),
+    ({"TF_CONFIG": "[" * 100000}, None, None, "TF_CONFIG", "nested too deeply"),
     ({"CLUSTER_SPEC": "cluster=workerpool0"}, None, None, "CLUSTER_SPEC", "not valid JSON"),
     ({"CLUSTER_SPEC": vertex("workerpool7", 0)}, None, None, "CLUSTER_SPEC: task.type", "'workerpool7' is not a known task type"),
     ({"CLUSTER_SPEC": vertex("workerpool1", 5)}, None, None, "CLUSTER_SPEC: task.index", "5 is out of range"),

@@ -18,14 +18,19 @@ from hypothesis import strategies as st
 
 from trainenv.config import (
     MAX_CONFIG_BYTES,
+    MAX_DEPTH,
+    MAX_SETTINGS_BYTES,
+    MAX_YAML_NODES,
     check_channel_name,
+    check_depth,
     check_hyperparameter_name,
     decode_hyperparameter,
     list_channel_dirs,
+    nesting_depth,
     read_hyperparameters,
     read_input_data_config,
     read_resource_config,
-    read_settings_file,
+    read_file_settings,
 )
 from trainenv.errors import EXIT_CONFIG, ConfigError
 
@@ -55,7 +60,7 @@ def write(path: Path, content) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
-# Values: PAI and SageMaker write every hyperparameter as a string (research notes §2.2)
+# Values: PAI and SageMaker write every hyperparameter as a string
 
 
 @pytest.mark.parametrize(
@@ -138,7 +143,7 @@ def test_absent_files_read_as_empty(tmp_path):
     assert read_hyperparameters(tmp_path / "nope.json") == ({}, {})
     assert read_input_data_config(tmp_path / "nope.json") == {}
     assert read_resource_config(tmp_path / "nope.json") is None
-    assert read_settings_file([tmp_path / "a.yaml", tmp_path / "b.yaml"]) == ({}, None)
+    assert read_file_settings([tmp_path / "a.yaml", tmp_path / "b.yaml"]) == ({}, None)
     assert list_channel_dirs(tmp_path / "no-data") == []
 
 
@@ -175,14 +180,14 @@ def test_resource_config_is_read_as_is(research_tree):
 def test_settings_file_in_config_dir_wins_over_code_dir(tmp_path):
     first = write(tmp_path / "input/config/trainenv.yaml", "distribution: torchrun\n")
     second = write(tmp_path / "usercode/trainenv.yaml", "distribution: mpi\n")
-    assert read_settings_file([first, second]) == ({"distribution": "torchrun"}, first)
+    assert read_file_settings([first, second]) == ({"distribution": "torchrun"}, first)
     first.unlink()
-    assert read_settings_file([first, second]) == ({"distribution": "mpi"}, second)
+    assert read_file_settings([first, second]) == ({"distribution": "mpi"}, second)
 
 
 def test_empty_settings_file_is_empty(tmp_path):
     path = write(tmp_path / "trainenv.yaml", "# nothing yet\n")
-    assert read_settings_file([path]) == ({}, path)
+    assert read_file_settings([path]) == ({}, path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -280,7 +285,7 @@ FIFTY_MB = 50 * 1024 * 1024
         (HP, read_hp),
         (IDC, read_input_data_config),
         ("resourceconfig.json", read_resource_config),
-        ("trainenv.yaml", lambda path: read_settings_file([path])),
+        ("trainenv.yaml", lambda path: read_file_settings([path])),
     ],
 )
 def test_a_50_mb_config_file_is_refused_without_reading_it_all(tmp_path, tree_state, filename, reader):
@@ -289,7 +294,7 @@ def test_a_50_mb_config_file_is_refused_without_reading_it_all(tmp_path, tree_st
     before = tree_state(tmp_path)
     with pytest.raises(ConfigError) as excinfo:
         reader(path)
-    one_line_error(excinfo, str(path), "larger than 10 MiB")
+    one_line_error(excinfo, str(path), "larger than 1 MiB" if filename == "trainenv.yaml" else "larger than 10 MiB")
     assert tree_state(tmp_path) == before
 
 
@@ -319,7 +324,7 @@ BAD_YAML = [
     pytest.param("a: !!python/object/apply:os.system [id]\n", ["invalid YAML"], id="unsafe-tag"),
     pytest.param("a: 1\n---\nb: 2\n", ["invalid YAML"], id="two-documents"),
     pytest.param(b"distribution: \xff\n", ["not valid UTF-8"], id="non-utf8"),
-    pytest.param("a: " + "[" * 1000, ["YAML"], id="deep-nesting"),
+    pytest.param("a: " + "[" * 1000, ["line 1", "nested too deeply"], id="deep-nesting"),
 ]
 
 
@@ -328,7 +333,7 @@ def test_bad_settings_file_is_a_one_line_config_error(tmp_path, tree_state, cont
     path = write(tmp_path / "input/config/trainenv.yaml", content)
     before = tree_state(tmp_path)
     with pytest.raises(ConfigError) as excinfo:
-        read_settings_file([path])
+        read_file_settings([path])
     one_line_error(excinfo, str(path), *fragments)
     assert tree_state(tmp_path) == before
 
@@ -377,7 +382,7 @@ CONSTRUCTOR_ERRORS = [
 def test_a_yaml_scalar_the_constructor_rejects_is_a_config_error(tmp_path, content):
     path = write(tmp_path / "trainenv.yaml", content)
     with pytest.raises(ConfigError) as excinfo:
-        read_settings_file([path])
+        read_file_settings([path])
     one_line_error(excinfo, str(path))
 
 
@@ -385,7 +390,7 @@ def test_a_yaml_scalar_the_constructor_rejects_is_a_config_error(tmp_path, conte
 def test_a_yaml_constructor_error_names_the_key_or_line(tmp_path, content):
     path = write(tmp_path / "trainenv.yaml", "# launch settings\n" + content)
     with pytest.raises(ConfigError) as excinfo:
-        read_settings_file([path])
+        read_file_settings([path])
     message = one_line_error(excinfo, str(path))
     key = content.split(":", 1)[0]
     assert key in message or "line 2" in message, message
@@ -486,8 +491,107 @@ yaml_tokens = st.lists(
 @FUZZ
 @example(data=b"max_run_seconds: 2020-13-45\n")
 @given(data=st.one_of(fuzz_bytes(yaml_documents), yaml_tokens.map(lambda t: t.encode("utf-8"))))
-def test_fuzz_read_settings_file(scratch, data):
-    result = parses_or_config_error(lambda path: read_settings_file([path]), scratch / "trainenv.yaml", data)
+def test_fuzz_read_file_settings(scratch, data):
+    result = parses_or_config_error(lambda path: read_file_settings([path]), scratch / "trainenv.yaml", data)
     if result is not None:
         value, path = result
         assert isinstance(value, dict) and all(isinstance(k, str) for k in value)
+
+
+# ---------------------------------------------------------------------------------------
+# Bounds: nesting depth, YAML aliases, symlink loops
+
+
+def nested_text(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def test_nesting_depth_counts_without_recursing():
+    assert nesting_depth(1) == 0 and nesting_depth([]) == 1 and nesting_depth({"a": [{}]}) == 3
+    assert nesting_depth(json.loads(nested_text(900)), limit=10) == 11  # stops past the limit
+    with pytest.raises(ConfigError) as excinfo:
+        check_depth("SRC", {"ok": 1, "deep": json.loads(nested_text(MAX_DEPTH))})
+    one_line_error(excinfo, "SRC: 'deep'", f"more than {MAX_DEPTH} levels")
+    check_depth("SRC", {"deep": json.loads(nested_text(MAX_DEPTH - 1))})
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH, 5000])
+def test_a_deep_hyperparameter_string_is_a_config_error(levels):
+    with pytest.raises(ConfigError) as excinfo:
+        decode_hyperparameter(nested_text(levels), "HP", "layers")
+    one_line_error(excinfo, "HP: 'layers'", f"more than {MAX_DEPTH} levels")
+    assert decode_hyperparameter(nested_text(MAX_DEPTH - 1)) == json.loads(nested_text(MAX_DEPTH - 1))
+
+
+@pytest.mark.parametrize(
+    "filename, reader",
+    [(HP, read_hp), (IDC, read_input_data_config), ("resourceconfig.json", read_resource_config)],
+)
+def test_every_json_reader_caps_the_depth(tmp_path, filename, reader):
+    path = write(tmp_path / filename, json.dumps({"train": {"x": json.loads(nested_text(300))}}))
+    with pytest.raises(ConfigError) as excinfo:
+        reader(path)
+    one_line_error(excinfo, str(path), "'train'", f"more than {MAX_DEPTH} levels")
+
+
+def billion_laughs(levels: int) -> str:
+    lines = ["requirements:", "  - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"  - &l{n} [" + ", ".join([f"*l{n - 1}"] * 9) + "]" for n in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        pytest.param(billion_laughs(20), [f"more than {MAX_YAML_NODES} values", "aliases", "line 6"], id="billion-laughs"),
+        pytest.param("hosts: &h [a, *h]\n", ["alias *h refers to a value that contains it", "line 1"], id="recursive-alias"),
+        pytest.param("a: " + nested_text(MAX_DEPTH), [f"more than {MAX_DEPTH} levels"], id="flow-depth"),
+        pytest.param("a: &a " + nested_text(60) + "\nb: " + "[" * 60 + "*a" + "]" * 60, [f"more than {MAX_DEPTH} levels"], id="depth-through-alias"),
+    ],
+)
+def test_yaml_over_a_bound_is_refused_while_loading(tmp_path, tree_state, content, fragments):
+    path = write(tmp_path / "trainenv.yaml", content)
+    before = tree_state(tmp_path)
+    with pytest.raises(ConfigError) as excinfo:
+        read_file_settings([path])
+    one_line_error(excinfo, str(path), *fragments)
+    assert tree_state(tmp_path) == before
+
+
+def test_yaml_within_the_bounds_loads(tmp_path):
+    path = write(tmp_path / "trainenv.yaml", "a: &a " + nested_text(MAX_DEPTH - 1) + "\nb: *a\nc: &c [x, y]\nd: [*c, *c]\n")
+    value, _ = read_file_settings([path])
+    assert value["b"] is value["a"] and value["d"] == [["x", "y"], ["x", "y"]]
+    assert nesting_depth(value) == MAX_DEPTH
+
+
+def test_a_settings_file_over_its_size_limit(tmp_path):
+    path = write(tmp_path / "trainenv.yaml", "# " + "x" * MAX_SETTINGS_BYTES + "\n")
+    with pytest.raises(ConfigError) as excinfo:
+        read_file_settings([path])
+    one_line_error(excinfo, str(path), "larger than 1 MiB")
+
+
+def test_channel_discovery_skips_symlink_loops_and_dangling_links(tmp_path, tree_state):
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    os.symlink("train", data / "alias")
+    os.symlink("self", data / "self")
+    os.symlink("b", data / "a")
+    os.symlink("a", data / "b")
+    os.symlink(str(tmp_path / "nowhere"), data / "dangling")
+    os.symlink("..", data / "train" / "up")
+    before = tree_state(tmp_path)
+    assert list_channel_dirs(data) == ["alias", "train"]
+    assert tree_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("variable", ["TF_CONFIG", "CLUSTER_SPEC", "TRAINENV_HOSTS"])
+@pytest.mark.parametrize("levels", [300, 5000])
+def test_cluster_variables_cap_the_depth(variable, levels):
+    from trainenv.cluster import discover_cluster
+
+    with pytest.raises(ConfigError) as excinfo:
+        discover_cluster({variable: "[" * levels + "]" * levels}, resource_config=None,
+                         resource_config_source="rc", settings=None, hostname="h")
+    one_line_error(excinfo, variable, f"more than {MAX_DEPTH} levels")

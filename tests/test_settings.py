@@ -6,14 +6,15 @@ file and key) and the value; a fuzzer checks that nothing else ever escapes.
 
 from __future__ import annotations
 
-from trainenv.frozen import FrozenRecordError, fields, replace
+from trainenv.frozen import FrozenRecordError, fields
+from pathlib import Path
 import sys
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainenv.config import read_settings_file
+from trainenv.config import read_file_settings
 from trainenv.errors import EXIT_CONFIG, ConfigError
 from trainenv.settings import (
     CLUSTER_KEYS,
@@ -51,13 +52,49 @@ def test_table_matches_launch_settings():
     for setting in SETTINGS:
         assert getattr(defaults, setting.name) == setting.default, setting.name
         assert setting.variable == "TRAINENV_" + setting.name.upper()
-        assert setting.flag.split("/")[0] == "--" + setting.name.replace("_", "-")
+        assert setting.flag.split("/")[0] in ("", "--" + setting.name.replace("_", "-"))
         assert setting.help.strip()
-    assert len({s.flag for s in SETTINGS}) == len(SETTINGS)
+    flags = [s.flag for s in SETTINGS if s.flag]
+    assert len(set(flags)) == len(flags)
+
+
+def test_every_launch_variable_is_a_row():
+    # The variables trainenv reads to launch a job, each validated once, with a one-line error.
+    rows = {s.variable: s for s in SETTINGS}
+    assert rows["TRAINENV_INSTALLER"].choices == ("auto", "uv", "pip")
+    assert rows["TRAINENV_LOG_LEVEL"].choices == ("quiet", "info", "debug")
+    assert not rows["TRAINENV_RUN_DIR"].flag and not rows["TRAINENV_RUN_DIR"].in_file
+    assert not rows["TRAINENV_JOB_NAME"].flag and not rows["TRAINENV_JOB_NAME"].in_file
+    assert not rows["TRAINENV_LOG_LEVEL"].in_file
+    defaults = LaunchSettings()
+    assert (defaults.installer, defaults.log_level, defaults.run_dir, defaults.job_name) == ("auto", "info", None, None)
+    resolved = resolve(
+        {"log_level": "debug"},
+        {"TRAINENV_INSTALLER": "PIP", "TRAINENV_RUN_DIR": "/var/run/te", "TRAINENV_JOB_NAME": "job-7", "TRAINENV_LOG_LEVEL": "quiet"},
+    )
+    assert (resolved.installer, resolved.log_level, resolved.run_dir, resolved.job_name) == ("pip", "debug", "/var/run/te", "job-7")
+    assert resolved.sources["job_name"] == "TRAINENV_JOB_NAME"
+    assert resolve(file_settings={"installer": "uv"}).installer == "uv"
+
+
+def test_variable_only_settings_are_not_file_keys_nor_flags():
+    config_error({}, {}, {"run_dir": "/tmp/x"}, YAML, "run_dir", "set TRAINENV_RUN_DIR instead")
+    config_error({}, {}, {"log-level": "debug"}, YAML, "log-level", "set TRAINENV_LOG_LEVEL instead")
+    # A flag value for a setting without a flag (no CLI passes one) is not a source.
+    assert resolve({"job_name": "from-flag"}).job_name is None
+
+
+def test_the_readme_table_is_the_settings_table():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("| setting | option | variable | default |")
+    lines = readme[start:].split("\n\n", 1)[0].splitlines()[2:]
+    rows = [tuple(cell.strip() for cell in line.strip("|").split("|")[:3]) for line in lines]
+    expected = [(f"`{s.name}`", f"`{s.flag}`" if s.flag else "—", f"`{s.variable}`") for s in SETTINGS]
+    assert rows == expected
 
 
 def test_contract_settings_are_present():
-    # CONTRACT §3: at least these, under these variables.
+    # The documented launch settings (docs/contract.md, section 3), under these variables.
     for name, variable in [
         ("entry_point", "TRAINENV_ENTRY_POINT"),
         ("command", "TRAINENV_COMMAND"),
@@ -131,7 +168,7 @@ def test_settings_from_a_real_yaml_file(tmp_path):
         "install: no\n"
         "mpi_options: [--bind-to, none]\n"
     )
-    file_settings, source = read_settings_file([path])
+    file_settings, source = read_file_settings([path])
     resolved = resolve_settings({}, {}, file_settings, source)
     assert resolved.entry_point == "train.py" and resolved.distribution == "torchrun"
     assert resolved.compat == ("sagemaker", "vertex")
@@ -192,6 +229,22 @@ BAD = [
 
 @pytest.mark.parametrize("flags, environ, file_settings, fragments", BAD)
 def test_bad_values_name_their_source_and_value(flags, environ, file_settings, fragments):
+    config_error(flags, environ, file_settings, *fragments)
+
+
+@pytest.mark.parametrize(
+    "flags, environ, file_settings, fragments",
+    [
+        pytest.param({}, {"TRAINENV_GRACE_SECONDS": "5"}, {"grace_seconds": "soon"}, [f"{YAML}: grace_seconds", "'soon'"], id="file-under-variable"),
+        pytest.param({"distribution": "none"}, {}, {"distribution": "horovod"}, [f"{YAML}: distribution", "'horovod'"], id="file-under-flag"),
+        pytest.param({"max_restarts": "1"}, {"TRAINENV_MAX_RESTARTS": "many"}, {}, ["TRAINENV_MAX_RESTARTS", "'many'"], id="variable-under-flag"),
+        pytest.param({}, {"TRAINENV_REQUIREMENTS": "a"}, {"requirements": [["a"]]}, [f"{YAML}: requirements", "item 0 is a list"], id="nested-list"),
+        pytest.param({}, {}, {"compat": [{"pai": 1}]}, [f"{YAML}: compat", "item 0 is a dict"], id="compat-dict-item"),
+        pytest.param({}, {"TRAINENV_INSTALLER": "conda"}, {}, ["TRAINENV_INSTALLER", "'conda'", "auto, uv, pip"], id="installer"),
+        pytest.param({}, {"TRAINENV_LOG_LEVEL": "loud"}, {}, ["TRAINENV_LOG_LEVEL", "'loud'", "quiet, info, debug"], id="log-level"),
+    ],
+)
+def test_every_source_is_checked_even_when_a_higher_one_wins(flags, environ, file_settings, fragments):
     config_error(flags, environ, file_settings, *fragments)
 
 

@@ -1,4 +1,4 @@
-"""Who the nodes are: the job's cluster, read from whatever the platform provides (CONTRACT §2).
+"""Who the nodes are: the job's cluster, read from whatever the platform provides.
 
 ::
 
@@ -92,8 +92,10 @@ Rules worth knowing
 Errors
 ------
 
-Bad input raises :class:`~trainenv.errors.ConfigError` with one line naming the source (a
-variable, a file), the key and the value: unparsable JSON, a wrong shape, a non-string or
+The values inside a source (host names, ranks, ports, JSON variables) are parsed by
+``trainenv.cluster_values``. Bad input raises :class:`~trainenv.errors.ConfigError` with one
+line naming the source (a variable, a file), the key and the value: unparsable JSON, a wrong
+shape, a non-string or
 blank host, an empty or duplicated host list, a current host not in the list, an unknown
 task type, an index out of range, a non-integer or negative rank, ``RANK >= WORLD_SIZE``, a
 port outside 1-65535. Malformed input never surfaces as any other exception.
@@ -102,16 +104,29 @@ port outside 1-65535. Malformed input never surfaces as any other exception.
 from __future__ import annotations
 
 from collections.abc import Mapping
-import json
-import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Optional, Sequence, Tuple
 
-from trainenv.errors import ConfigError, shown
+from trainenv.cluster_values import (
+    check_sparse,
+    host_list,
+    host_name,
+    host_of_entry,
+    instance_group_hosts,
+    is_host_name,
+    load_json,
+    nnodes,
+    no_duplicates,
+    non_negative_int,
+    platform_master_port,
+    platform_nproc_per_node,
+    read_var,
+    show,
+)
+from trainenv.errors import ConfigError
 from trainenv.frozen import SnapshotMapping, frozen
-from trainenv.redact import redact_urls
 
 __all__ = ["Cluster", "discover_cluster", "SOURCES"]
 
@@ -121,11 +136,7 @@ _TF_TRAINING = ("chief", "master", "worker")
 _TF_SUPPORT = ("ps", "evaluator")
 _VERTEX_TRAINING = ("workerpool0", "workerpool1")
 _VERTEX_SUPPORT = ("workerpool2", "workerpool3")
-_NPROC_KEYWORDS = ("auto", "gpu", "cpu", "xpu")
 _STATIC_RDZV = ("", "static")
-_DIGITS = re.compile(r"[0-9]+")
-_MAX_PORT = 65535
-_MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
 
 
 @frozen
@@ -185,8 +196,8 @@ def discover_cluster(
     launch settings from ``trainenv.yaml``) and ``settings_source``. ``hostname`` is this
     machine's host name (``socket.gethostname()``).
     """
-    if not isinstance(hostname, str) or not _is_host_name(hostname):
-        raise ConfigError.at("hostname", None, f"{_show(hostname)} is not a usable host name")
+    if not isinstance(hostname, str) or not is_host_name(hostname):
+        raise ConfigError.at("hostname", None, f"{show(hostname)} is not a usable host name")
     readers: Sequence[Callable[[], Optional[Cluster]]] = (
         lambda: _from_trainenv(environ, settings, settings_source, hostname),
         lambda: _from_resource_config(environ, resource_config, resource_config_source),
@@ -205,9 +216,9 @@ def discover_cluster(
         node_rank=0,
         num_nodes=1,
         master_addr=hostname,
-        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
         network_interface=None,
-        nproc_per_node=_nproc_per_node(environ),
+        nproc_per_node=platform_nproc_per_node(environ),
         source="single",
     )
 
@@ -223,27 +234,27 @@ def _from_trainenv(
 ) -> Optional[Cluster]:
     settings = {} if settings is None else settings
     if not isinstance(settings, Mapping):
-        raise ConfigError.at(settings_source, None, f"{_show(settings)} is not a mapping of settings")
+        raise ConfigError.at(settings_source, None, f"{show(settings)} is not a mapping of settings")
     hosts: Optional[Tuple[str, ...]] = None
     hosts_from = ""
-    raw = _var(environ, "TRAINENV_HOSTS")
+    raw = read_var(environ, "TRAINENV_HOSTS")
     if raw is not None:
-        value = _load_json(raw, "TRAINENV_HOSTS")
+        value = load_json(raw, "TRAINENV_HOSTS")
         if not isinstance(value, list):
             raise ConfigError.at(
-                "TRAINENV_HOSTS", None, f"{_show(raw)} is not a JSON list of host names"
+                "TRAINENV_HOSTS", None, f"{show(raw)} is not a JSON list of host names"
             )
         if value:
-            hosts = _host_list(value, "TRAINENV_HOSTS", None)
+            hosts = host_list(value, "TRAINENV_HOSTS", None)
             hosts_from = "TRAINENV_HOSTS"
     if hosts is None and settings.get("hosts") is not None:
-        hosts = _host_list(settings["hosts"], settings_source, "hosts")
+        hosts = host_list(settings["hosts"], settings_source, "hosts")
         hosts_from = f"{settings_source}: hosts"
     if hosts is None:
         return None
-    _no_duplicates(hosts, hosts_from, None)
+    no_duplicates(hosts, hosts_from, None)
 
-    current = _var(environ, "TRAINENV_CURRENT_HOST")
+    current = read_var(environ, "TRAINENV_CURRENT_HOST")
     where: tuple = ("TRAINENV_CURRENT_HOST", None)
     if current is None and settings.get("current_host") is not None:
         current = settings["current_host"]
@@ -251,11 +262,11 @@ def _from_trainenv(
     if current is None:
         current = hostname
         where = ("hostname", None)
-    current = _host_name(current, *where)
+    current = host_name(current, *where)
     if current not in hosts:
         hint = "; set TRAINENV_CURRENT_HOST" if where[0] == "hostname" else ""
         raise ConfigError.at(
-            where[0], where[1], f"{_show(current)} is not in {hosts_from} {_show(list(hosts))}{hint}"
+            where[0], where[1], f"{show(current)} is not in {hosts_from} {show(list(hosts))}{hint}"
         )
     return _listed_cluster(environ, hosts, current, None, "trainenv")
 
@@ -266,25 +277,25 @@ def _from_resource_config(
     if config is None:
         return None
     if not isinstance(config, Mapping):
-        raise ConfigError.at(source, None, f"{_show(config)} is not a JSON object")
+        raise ConfigError.at(source, None, f"{show(config)} is not a JSON object")
     if "hosts" in config:
-        hosts = _host_list(config["hosts"], source, "hosts")
+        hosts = host_list(config["hosts"], source, "hosts")
     elif config.get("instance_groups") is not None:
-        hosts = _instance_group_hosts(config["instance_groups"], source)
+        hosts = instance_group_hosts(config["instance_groups"], source)
     else:
         raise ConfigError.at(source, "hosts", "missing (and no instance_groups to take it from)")
-    _no_duplicates(hosts, source, "hosts")
+    no_duplicates(hosts, source, "hosts")
     if config.get("current_host") is None:
         raise ConfigError.at(source, "current_host", "missing")
-    current = _host_name(config["current_host"], source, "current_host")
+    current = host_name(config["current_host"], source, "current_host")
     if current not in hosts:
         raise ConfigError.at(
-            source, "current_host", f"{_show(current)} is not in hosts {_show(list(hosts))}"
+            source, "current_host", f"{show(current)} is not in hosts {show(list(hosts))}"
         )
     nic = config.get("network_interface_name")
-    if nic is not None and not (isinstance(nic, str) and _is_host_name(nic)):
+    if nic is not None and not (isinstance(nic, str) and is_host_name(nic)):
         raise ConfigError.at(
-            source, "network_interface_name", f"{_show(nic)} is not an interface name"
+            source, "network_interface_name", f"{show(nic)} is not an interface name"
         )
     return _listed_cluster(environ, hosts, current, nic, "resourceconfig")
 
@@ -299,23 +310,11 @@ def _listed_cluster(
         node_rank=hosts.index(current),
         num_nodes=len(hosts),
         master_addr=hosts[0],
-        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
         network_interface=nic,
-        nproc_per_node=_nproc_per_node(environ),
+        nproc_per_node=platform_nproc_per_node(environ),
         source=source,
     )
-
-
-def _instance_group_hosts(groups: Any, source: str) -> Tuple[str, ...]:
-    if not isinstance(groups, list) or not groups:
-        raise ConfigError.at(source, "instance_groups", f"{_show(groups)} is not a list of groups")
-    hosts: list = []
-    for i, group in enumerate(groups):
-        key = f"instance_groups[{i}].hosts"
-        if not isinstance(group, Mapping) or "hosts" not in group:
-            raise ConfigError.at(source, f"instance_groups[{i}]", f"{_show(group)} has no hosts")
-        hosts.extend(_host_list(group["hosts"], source, key))
-    return tuple(hosts)
 
 
 def _from_task_cluster(
@@ -325,20 +324,20 @@ def _from_task_cluster(
     support: Tuple[str, ...],
 ) -> Optional[Cluster]:
     """TF_CONFIG and Vertex's CLUSTER_SPEC: ``{"cluster": {type: [addr]}, "task": {type, index}}``."""
-    raw = _var(environ, name)
+    raw = read_var(environ, name)
     if raw is None:
         return None
-    config = _load_json(raw, name)
+    config = load_json(raw, name)
     if not isinstance(config, dict):
-        raise ConfigError.at(name, None, f"{_show(raw)} is not a JSON object")
+        raise ConfigError.at(name, None, f"{show(raw)} is not a JSON object")
     cluster = config.get("cluster")
     if cluster is None or cluster == {}:
         if config.get("sparseCluster") is not None:
-            _check_sparse(config["sparseCluster"], name, "sparseCluster")
+            check_sparse(config["sparseCluster"], name, "sparseCluster")
             _task(config, name, training + support)
         return None  # names no cluster: TF reads it the same way (local)
     if not isinstance(cluster, dict):
-        raise ConfigError.at(name, "cluster", f"{_show(cluster)} is not a JSON object")
+        raise ConfigError.at(name, "cluster", f"{show(cluster)} is not a JSON object")
     task_type, index = _task(config, name, training + support)
 
     lists: dict = {}
@@ -348,15 +347,15 @@ def _from_task_cluster(
             continue
         entries = cluster[job]
         if isinstance(entries, dict):
-            _check_sparse({job: entries}, name, "cluster")
+            check_sparse({job: entries}, name, "cluster")
             sparse = True
             continue
         if not isinstance(entries, list):
             raise ConfigError.at(
-                name, f"cluster.{job}", f"{_show(entries)} is not a list of host:port entries"
+                name, f"cluster.{job}", f"{show(entries)} is not a list of host:port entries"
             )
         for i, entry in enumerate(entries):
-            _host_of_entry(entry, name, f"cluster.{job}[{i}]")
+            host_of_entry(entry, name, f"cluster.{job}[{i}]")
         lists[job] = entries
     if sparse:
         return None  # Kubeflow's sparse form for dynamic workers: names only this task
@@ -367,7 +366,7 @@ def _from_task_cluster(
         if task_type == "evaluator":
             return None  # TF keeps evaluators out of the cluster: no place among the nodes
         raise ConfigError.at(
-            name, "task.type", f"{_show(task_type)} has no list in cluster {_show(sorted(cluster))}"
+            name, "task.type", f"{show(task_type)} has no list in cluster {show(sorted(cluster))}"
         )
     if index >= len(lists[task_type]):
         raise ConfigError.at(
@@ -376,15 +375,15 @@ def _from_task_cluster(
             f"{index} is out of range: cluster.{task_type} has {len(lists[task_type])} entries",
         )
     all_entries = [entry for job in training + support for entry in lists.get(job, [])]
-    _no_duplicates(all_entries, name, "cluster")
+    no_duplicates(all_entries, name, "cluster")
 
-    own_host = _host_of_entry(lists[task_type][index], name, f"cluster.{task_type}[{index}]")
+    own_host = host_of_entry(lists[task_type][index], name, f"cluster.{task_type}[{index}]")
     if task_type in support:
         nodes: Tuple[str, ...] = (own_host,)
         rank = 0
     else:
         nodes = tuple(
-            _host_of_entry(entry, name, "cluster") for job in training for entry in lists.get(job, [])
+            host_of_entry(entry, name, "cluster") for job in training for entry in lists.get(job, [])
         )
         rank = sum(len(lists.get(job, [])) for job in training[: training.index(task_type)]) + index
     # Nodes sharing a host cannot be told apart by host name: no host list then, ranks only.
@@ -395,9 +394,9 @@ def _from_task_cluster(
         node_rank=rank,
         num_nodes=len(nodes),
         master_addr=nodes[0],
-        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
         network_interface=None,
-        nproc_per_node=_nproc_per_node(environ),
+        nproc_per_node=platform_nproc_per_node(environ),
         source=name,
     )
 
@@ -405,48 +404,30 @@ def _from_task_cluster(
 def _task(config: Mapping[str, Any], name: str, known: Tuple[str, ...]) -> Tuple[str, int]:
     task = config.get("task")
     if not isinstance(task, dict):
-        raise ConfigError.at(name, "task", f"{_show(task)} is not a JSON object with type and index")
+        raise ConfigError.at(name, "task", f"{show(task)} is not a JSON object with type and index")
     task_type = task.get("type")
     if not isinstance(task_type, str) or task_type not in known:
         raise ConfigError.at(
-            name, "task.type", f"{_show(task_type)} is not a known task type {_show(list(known))}"
+            name, "task.type", f"{show(task_type)} is not a known task type {show(list(known))}"
         )
     index = task.get("index")
     if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-        raise ConfigError.at(name, "task.index", f"{_show(index)} is not a non-negative integer")
+        raise ConfigError.at(name, "task.index", f"{show(index)} is not a non-negative integer")
     return task_type, index
 
 
-def _check_sparse(sparse: Any, name: str, key: str) -> None:
-    """Validate Kubeflow's sparse cluster: ``{"worker": {"1": addr}, "ps": [addr]}``."""
-    if not isinstance(sparse, dict):
-        raise ConfigError.at(name, key, f"{_show(sparse)} is not a JSON object")
-    for job, entries in sparse.items():
-        where = f"{key}.{job}"
-        if isinstance(entries, dict):
-            for index, entry in entries.items():
-                if not _DIGITS.fullmatch(index):
-                    raise ConfigError.at(name, where, f"{_show(index)} is not a task index")
-                _host_of_entry(entry, name, f"{where}.{index}")
-        elif isinstance(entries, list):
-            for i, entry in enumerate(entries):
-                _host_of_entry(entry, name, f"{where}[{i}]")
-        else:
-            raise ConfigError.at(name, where, f"{_show(entries)} is not a list or an index map")
-
-
 def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
-    nnodes_raw = _var(environ, "PET_NNODES")
-    rank_raw = _var(environ, "PET_NODE_RANK")
+    nnodes_raw = read_var(environ, "PET_NNODES")
+    rank_raw = read_var(environ, "PET_NODE_RANK")
     if nnodes_raw is None and rank_raw is None:
         return None
     if nnodes_raw is None:
         raise ConfigError.at("PET_NNODES", None, "is not set, but PET_NODE_RANK is")
-    low, num_nodes = _nnodes(nnodes_raw)
-    backend = (_var(environ, "PET_RDZV_BACKEND") or "").lower()
+    low, num_nodes = nnodes(nnodes_raw)
+    backend = (read_var(environ, "PET_RDZV_BACKEND") or "").lower()
     rank: Optional[int]
     if rank_raw is not None:
-        rank = _non_negative_int(rank_raw, "PET_NODE_RANK")
+        rank = non_negative_int(rank_raw, "PET_NODE_RANK")
         if rank >= num_nodes:
             raise ConfigError.at(
                 "PET_NODE_RANK", None, f"{rank} is not below PET_NNODES={nnodes_raw}"
@@ -460,13 +441,13 @@ def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
             "PET_NODE_RANK", None, f"is not set; PET_NNODES={nnodes_raw} with a static rendezvous needs it"
         )
 
-    master = _var(environ, "PET_MASTER_ADDR")
+    master = read_var(environ, "PET_MASTER_ADDR")
     if master is not None:
-        master = _host_name(master, "PET_MASTER_ADDR", None)
-    elif _var(environ, "PET_RDZV_ENDPOINT") is not None:
-        master = _host_of_entry(environ["PET_RDZV_ENDPOINT"].strip(), "PET_RDZV_ENDPOINT", None)
-    elif _var(environ, "MASTER_ADDR") is not None:
-        master = _host_name(environ["MASTER_ADDR"].strip(), "MASTER_ADDR", None)
+        master = host_name(master, "PET_MASTER_ADDR", None)
+    elif read_var(environ, "PET_RDZV_ENDPOINT") is not None:
+        master = host_of_entry(environ["PET_RDZV_ENDPOINT"].strip(), "PET_RDZV_ENDPOINT", None)
+    elif read_var(environ, "MASTER_ADDR") is not None:
+        master = host_name(environ["MASTER_ADDR"].strip(), "MASTER_ADDR", None)
     elif num_nodes == 1:
         master = hostname
     else:
@@ -479,52 +460,41 @@ def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
         node_rank=rank,
         num_nodes=num_nodes,
         master_addr=master,
-        master_port=_master_port(environ, ("PET_MASTER_PORT", "MASTER_PORT")),
+        master_port=platform_master_port(environ, ("PET_MASTER_PORT", "MASTER_PORT")),
         network_interface=None,
-        nproc_per_node=_nproc_per_node(environ),
+        nproc_per_node=platform_nproc_per_node(environ),
         source="PET",
     )
 
 
-def _nnodes(raw: str) -> Tuple[int, int]:
-    """``N`` -> (N, N); ``MIN:MAX`` -> (MIN, MAX)."""
-    parts = raw.split(":")
-    if len(parts) > 2 or not all(_DIGITS.fullmatch(p.strip()) for p in parts):
-        raise ConfigError.at("PET_NNODES", None, f"{_show(raw)} is not N or MIN:MAX")
-    low, high = int(parts[0]), int(parts[-1])
-    if low < 1 or high < low:
-        raise ConfigError.at("PET_NNODES", None, f"{_show(raw)} needs 1 <= MIN <= MAX")
-    return low, high
-
-
 def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
-    addr, rank_raw, size_raw = (_var(environ, k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
+    addr, rank_raw, size_raw = (read_var(environ, k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
     if addr is None or rank_raw is None or size_raw is None:
         return None
-    master = _host_name(addr, "MASTER_ADDR", None)
-    world = _non_negative_int(size_raw, "WORLD_SIZE")
+    master = host_name(addr, "MASTER_ADDR", None)
+    world = non_negative_int(size_raw, "WORLD_SIZE")
     if world < 1:
         raise ConfigError.at("WORLD_SIZE", None, f"{world} is not a positive integer")
-    rank = _non_negative_int(rank_raw, "RANK")
+    rank = non_negative_int(rank_raw, "RANK")
     if rank >= world:
         raise ConfigError.at("RANK", None, f"{rank} is not below WORLD_SIZE={world}")
-    nproc = _nproc_per_node(environ)
+    nproc = platform_nproc_per_node(environ)
 
-    group_rank, group_size = _var(environ, "GROUP_RANK"), _var(environ, "GROUP_WORLD_SIZE")
+    group_rank, group_size = read_var(environ, "GROUP_RANK"), read_var(environ, "GROUP_WORLD_SIZE")
     if group_rank is not None and group_size is not None:
         # Inside a torchrun worker: RANK/WORLD_SIZE count processes, GROUP_* count nodes.
-        num_nodes = _non_negative_int(group_size, "GROUP_WORLD_SIZE")
-        node_rank = _non_negative_int(group_rank, "GROUP_RANK")
+        num_nodes = non_negative_int(group_size, "GROUP_WORLD_SIZE")
+        node_rank = non_negative_int(group_rank, "GROUP_RANK")
         if not 0 <= node_rank < num_nodes:
             raise ConfigError.at(
                 "GROUP_RANK", None, f"{node_rank} is not below GROUP_WORLD_SIZE={num_nodes}"
             )
-        local = _var(environ, "LOCAL_WORLD_SIZE")
+        local = read_var(environ, "LOCAL_WORLD_SIZE")
         if local is not None:
-            nproc = _non_negative_int(local, "LOCAL_WORLD_SIZE") or None
+            nproc = non_negative_int(local, "LOCAL_WORLD_SIZE") or None
     else:
         num_nodes, node_rank = world, rank
-        kubeflow_nproc = _nproc_per_node(environ, ("PET_NPROC_PER_NODE",))
+        kubeflow_nproc = platform_nproc_per_node(environ, ("PET_NPROC_PER_NODE",))
         if kubeflow_nproc is not None and kubeflow_nproc > 1 and world % kubeflow_nproc == 0:
             # Kubeflow v1: WORLD_SIZE = pods x nprocPerNode, RANK = pod index.
             num_nodes = world // kubeflow_nproc
@@ -540,113 +510,10 @@ def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Optional[Clu
         node_rank=node_rank,
         num_nodes=num_nodes,
         master_addr=master,
-        master_port=_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
+        master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")),
         network_interface=None,
         nproc_per_node=nproc,
         source="MASTER_ADDR",
     )
 
 
-# -- values ----------------------------------------------------------------------------------
-
-
-def _var(environ: Mapping[str, str], name: str) -> Optional[str]:
-    """The variable's value stripped, or ``None`` when unset or blank."""
-    value = environ.get(name)
-    if value is None:
-        return None
-    value = value.strip()
-    return value or None
-
-
-def _show(value: Any) -> str:
-    """A short repr for an error message, with URL credentials hidden."""
-    if isinstance(value, str):
-        return shown(redact_urls(value))
-    text = repr(value)
-    clean = redact_urls(text)
-    return shown(value) if clean == text else shown(clean)
-
-
-def _load_json(text: str, source: str) -> Any:
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
-        raise ConfigError.at(source, None, f"{_show(text)} is not valid JSON ({reason})") from None
-
-
-def _non_negative_int(raw: str, name: str) -> int:
-    if not _DIGITS.fullmatch(raw) or len(raw) > _MAX_DIGITS:
-        raise ConfigError.at(name, None, f"{_show(raw)} is not a non-negative integer")
-    return int(raw)
-
-
-def _master_port(environ: Mapping[str, str], names: Tuple[str, ...]) -> Optional[int]:
-    for name in names:
-        raw = _var(environ, name)
-        if raw is not None:
-            port = int(raw) if _DIGITS.fullmatch(raw) and len(raw) <= 5 else 0
-            if not 1 <= port <= _MAX_PORT:
-                raise ConfigError.at(name, None, f"{_show(raw)} is not a port (1-{_MAX_PORT})")
-            return port
-    return None
-
-
-def _nproc_per_node(
-    environ: Mapping[str, str], names: Tuple[str, ...] = ("PET_NPROC_PER_NODE", "NPROC_PER_NODE")
-) -> Optional[int]:
-    for name in names:
-        raw = _var(environ, name)
-        if raw is None:
-            continue
-        if raw.lower() in _NPROC_KEYWORDS:
-            return None
-        count = _non_negative_int(raw, name)
-        if count < 1:
-            raise ConfigError.at(name, None, f"{count} is not a positive process count")
-        return count
-    return None
-
-
-def _is_host_name(text: str) -> bool:
-    return bool(text) and not any(c.isspace() or c == "\0" for c in text)
-
-
-def _host_name(value: Any, source: str, key: Optional[str]) -> str:
-    if not isinstance(value, str) or not _is_host_name(value):
-        raise ConfigError.at(source, key, f"{_show(value)} is not a host name")
-    return value
-
-
-def _host_of_entry(value: Any, source: str, key: Optional[str]) -> str:
-    """``host``, ``host:port`` or ``[v6]:port`` -> host; a bare IPv6 address is kept."""
-    entry = _host_name(value, source, key)
-    if entry.startswith("["):
-        end = entry.find("]")
-        rest = entry[end + 1 :] if end > 1 else ""
-        if end <= 1 or (rest and not (rest[0] == ":" and _DIGITS.fullmatch(rest[1:]))):
-            raise ConfigError.at(source, key, f"{_show(entry)} is not [address]:port")
-        return entry[1:end]
-    if entry.count(":") == 1:
-        host, port = entry.split(":")
-        if not host or not _DIGITS.fullmatch(port):
-            raise ConfigError.at(source, key, f"{_show(entry)} is not host:port")
-        return host
-    return entry
-
-
-def _host_list(value: Any, source: str, key: Optional[str]) -> Tuple[str, ...]:
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError.at(source, key, f"{_show(value)} is not a list of host names")
-    if not value:
-        raise ConfigError.at(source, key, "is an empty host list")
-    return tuple(_host_name(host, source, f"{key or ''}[{i}]") for i, host in enumerate(value))
-
-
-def _no_duplicates(items: Sequence[str], source: str, key: Optional[str]) -> None:
-    seen: set = set()
-    for item in items:
-        if item in seen:
-            raise ConfigError.at(source, key, f"{_show(item)} is listed twice")
-        seen.add(item)

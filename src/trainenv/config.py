@@ -9,7 +9,14 @@ optional file that is absent reads as empty; a present one must be valid. Nothin
 | ``hyperparameters.json``  | ``read_hyperparameters``  | object; string values that parse as JSON are decoded |
 | ``inputdataconfig.json``  | ``read_input_data_config`` | object of objects, keyed by channel |
 | ``resourceconfig.json``   | ``read_resource_config``  | object (validated by ``trainenv.cluster``) |
-| ``trainenv.yaml``         | ``read_settings_file``    | mapping of launch settings (``trainenv.settings``) |
+| ``trainenv.yaml``         | ``read_file_settings``    | mapping of launch settings (``trainenv.settings``) |
+
+Every reader is bounded, so hostile input ends as a ``ConfigError``, never as a crash, a hang
+or unbounded memory: a file may hold at most ``MAX_CONFIG_BYTES`` (``trainenv.yaml``:
+``MAX_SETTINGS_BYTES``); data may nest at most ``MAX_DEPTH`` levels (the top-level object is
+level 1; a hyperparameter string holding JSON counts from where it sits); and ``trainenv.yaml``
+may hold at most ``MAX_YAML_NODES`` values once every alias is expanded, and no alias that
+refers to a value containing it (a "billion laughs" file is refused while it is read).
 """
 
 from __future__ import annotations
@@ -26,7 +33,11 @@ if TYPE_CHECKING:  # pragma: no cover
 from trainenv.errors import ConfigError, shown
 
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+MAX_SETTINGS_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 256
+MAX_DEPTH = 100
+MAX_YAML_NODES = 10_000
+TOO_DEEP = f"nested too deeply: more than {MAX_DEPTH} levels (the limit for config data)"
 
 # Hyperparameter names: what argparse, Hydra and env-var normalization can all carry.
 _HP_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.:+/\-]*\Z")
@@ -101,7 +112,7 @@ def parse_json(path: object, text: str) -> Any:
     except _DuplicateKey as exc:
         raise ConfigError.at(path, str(exc.args[0]), "key appears more than once") from None
     except RecursionError:
-        raise ConfigError.at(path, None, "JSON nested too deeply") from None
+        raise ConfigError.at(path, None, TOO_DEEP) from None
     except ValueError as exc:  # parse_float/parse_constant, and int()'s digit limit
         raise ConfigError.at(path, _locate_bad_number(text), f"invalid JSON value: {str(exc)[:80]}") from None
 
@@ -141,6 +152,37 @@ def _locate_bad_number(text: str) -> Optional[str]:
     return find(data, "")
 
 
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Levels of lists and dicts in ``value`` (a scalar is 0), counted up to ``limit + 1``.
+
+    Iterative, so it never recurses however deep the data is; it stops once past ``limit``.
+    """
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, (list, tuple)):
+            continue
+        deepest = max(deepest, level)
+        if deepest > limit:
+            return deepest
+        stack.extend((inner, level + 1) for inner in item)
+    return deepest
+
+
+def check_depth(source: object, value: Any, limit: int = MAX_DEPTH) -> None:
+    """A ConfigError naming the top-level key under which ``value`` nests deeper than ``limit``."""
+    if nesting_depth(value, limit) <= limit:
+        return
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if nesting_depth(inner, limit - 1) > limit - 1:
+                raise ConfigError.at(source, shown(key), TOO_DEEP)
+    raise ConfigError.at(source, None, TOO_DEEP)
+
+
 def check_launchable(source: object, key: object, value: Any) -> None:
     """Every string inside ``value`` must survive ``exec``: no NUL, valid UTF-8 (no lone surrogates)."""
     if isinstance(value, str):
@@ -167,14 +209,17 @@ def read_json_object(path: Path) -> Optional[dict]:
     value = parse_json(path, decode_text(path, data))
     if not isinstance(value, dict):
         raise ConfigError.at(path, None, f"top level must be a JSON object, got {type(value).__name__}")
+    check_depth(path, value)
     return value
 
 
-def decode_hyperparameter(value: Any) -> Any:
+def decode_hyperparameter(value: Any, source: object = "hyperparameters", key: object = None) -> Any:
     """PAI and SageMaker write every value as a string: ``"0.1"`` → 0.1, ``"[1,2]"`` → [1, 2].
 
     A string that parses as JSON is decoded (one level); any other string is kept as is.
     ``"NaN"``, ``"Infinity"`` and ``"1e999"`` stay strings: they are not finite JSON numbers.
+    JSON nested deeper than a hyperparameter may be (``MAX_DEPTH`` - 1 levels) is a
+    ``ConfigError`` naming ``source`` and ``key``.
     """
     if not isinstance(value, str):
         return value
@@ -182,9 +227,15 @@ def decode_hyperparameter(value: Any) -> Any:
     if not text or text[0] not in '-0123456789tfn"[{':
         return value
     try:
-        return json.loads(text, parse_constant=_not_json_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError):
+        decoded = json.loads(text, parse_constant=_not_json_constant, parse_float=_finite_float)
+    except ValueError:
         return value
+    except RecursionError:
+        pass
+    else:
+        if nesting_depth(decoded, MAX_DEPTH - 1) <= MAX_DEPTH - 1:
+            return decoded
+    raise ConfigError.at(source, shown(key) if key is not None else None, TOO_DEEP)
 
 
 def check_hyperparameter_name(source: object, name: str) -> None:
@@ -211,7 +262,7 @@ def read_hyperparameters(path: Path) -> Tuple[dict, dict]:
         check_hyperparameter_name(path, name)
         check_launchable(path, name, value)
         target = platform if is_platform_hyperparameter(name) else user
-        target[name] = decode_hyperparameter(value)
+        target[name] = decode_hyperparameter(value, path, name)
     return user, platform
 
 
@@ -250,17 +301,29 @@ def read_resource_config(path: Path) -> Optional[dict]:
 
 
 def list_channel_dirs(data_dir: Path) -> list:
-    """Names of the directories directly below ``input/data`` (sorted), each validated."""
+    """Names of the directories directly below ``input/data`` (sorted), each validated.
+
+    A link to a directory is a channel; a dangling link or a symlink loop is not one (and is
+    never followed further). Nothing below a channel is read.
+    """
     try:
         entries = list(os.scandir(data_dir))
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
         raise ConfigError.at(data_dir, None, f"cannot list: {exc.strerror}") from None
-    names = [entry.name for entry in entries if entry.is_dir() and not is_ignored_dir(entry.name)]
+    names = [entry.name for entry in entries if is_dir_entry(entry) and not is_ignored_dir(entry.name)]
     for name in names:
         check_channel_name(data_dir, name)
     return sorted(names)
+
+
+def is_dir_entry(entry: os.DirEntry) -> bool:
+    """A directory, or a link that resolves to one; ``False`` for a symlink loop or dangling link."""
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: a symlink loop
+        return False
 
 
 def is_ignored_dir(name: str) -> bool:
@@ -268,10 +331,67 @@ def is_ignored_dir(name: str) -> bool:
     return name.startswith(".") or name == "lost+found"
 
 
+class _OverLimit(Exception):
+    """A ``trainenv.yaml`` past one of the loader's bounds: ``(problem, line)``."""
+
+
+def _bounded_loader(yaml: Any) -> type:
+    """PyYAML's ``SafeLoader``, bounded while it composes, before anything is constructed.
+
+    It keeps a running count of the values the document stands for once aliases are expanded
+    (each node once, each alias as the size of what it names) and how deep each node nests;
+    past ``MAX_YAML_NODES`` or ``MAX_DEPTH``, or on an alias to a node that contains it,
+    loading stops at once. Composing reads each alias once, so memory stays small.
+    """
+
+    class BoundedLoader(yaml.SafeLoader):
+        def __init__(self, stream: str) -> None:
+            super().__init__(stream)
+            self.composing = 0
+            self.values = 0  # values so far, aliases expanded
+            self.extent: dict = {}  # id(node) -> (values once expanded, levels)
+
+        def count(self, values: int, line: int) -> None:
+            self.values += values
+            if self.values > MAX_YAML_NODES:
+                raise _OverLimit(f"more than {MAX_YAML_NODES} values once its aliases are expanded (the limit for trainenv.yaml)", line)
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            line = event.start_mark.line + 1
+            if isinstance(event, yaml.AliasEvent):
+                target = self.anchors.get(event.anchor)
+                if target is not None:
+                    if id(target) not in self.extent:
+                        raise _OverLimit(f"alias *{event.anchor} refers to a value that contains it", line)
+                    self.count(self.extent[id(target)][0], line)
+                return super().compose_node(parent, index)
+            self.count(1, line)
+            self.composing += 1
+            if self.composing > MAX_DEPTH + 1:  # a scalar inside MAX_DEPTH collections is fine
+                raise _OverLimit(TOO_DEEP, line)
+            node = super().compose_node(parent, index)
+            self.composing -= 1
+            children: list = []
+            if isinstance(node, yaml.SequenceNode):
+                children = node.value
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            extents = [self.extent[id(child)] for child in children]
+            size = 1 + sum(extent[0] for extent in extents)
+            levels = 0 if isinstance(node, yaml.ScalarNode) else 1 + max((extent[1] for extent in extents), default=0)
+            if levels > MAX_DEPTH:
+                raise _OverLimit(TOO_DEEP, line)
+            self.extent[id(node)] = (size, levels)
+            return node
+
+    return BoundedLoader
+
+
 def _yaml_culprit(yaml: Any, text: str) -> Optional[str]:
     """``key (line N)`` of the first top-level value PyYAML cannot construct, if it can tell."""
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _bounded_loader(yaml)(text)
         try:
             node = loader.get_single_node()
             pairs = node.value if isinstance(node, yaml.MappingNode) else []
@@ -287,24 +407,30 @@ def _yaml_culprit(yaml: Any, text: str) -> Optional[str]:
     return None
 
 
-def read_settings_file(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
-    """The first ``trainenv.yaml`` that exists, as a mapping, and its path."""
+def read_file_settings(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
+    """The launch settings of the first ``trainenv.yaml`` that exists, as a mapping, and its path.
+
+    ``({}, None)`` when there is none; PyYAML is imported only when there is one.
+    """
     for path in paths:
-        data = read_bytes(path)
+        data = read_bytes(path, MAX_SETTINGS_BYTES)
         if data is None:
             continue
         text = decode_text(path, data)
         import yaml  # deferred: only jobs that have a trainenv.yaml pay for it
 
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_bounded_loader(yaml))  # noqa: S506 - a SafeLoader
+        except _OverLimit as exc:
+            problem, line = exc.args
+            raise ConfigError.at(path, f"line {line}", problem) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "syntax error"
             raise ConfigError.at(path, None, f"invalid YAML{where}: {problem}") from None
         except RecursionError:
-            raise ConfigError.at(path, None, "YAML nested too deeply") from None
+            raise ConfigError.at(path, None, TOO_DEEP) from None
         except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
             # PyYAML's constructors raise these for values like `2020-13-45` or `!!bool maybe`.
             raise ConfigError.at(path, _yaml_culprit(yaml, text), f"invalid YAML value ({type(exc).__name__}: {str(exc)[:60]})") from None

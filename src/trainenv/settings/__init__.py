@@ -1,4 +1,5 @@
-"""Settings: one row type (``rows``), the training table (``training``); resolved once per launch."""
+"""Settings: one row type (``rows``), the training table (``training``) and the serving table
+(``serving``, imported on its own by ``trainenv serve``); each resolved once."""
 
 from trainenv.settings.training import (
     CLUSTER_KEYS,

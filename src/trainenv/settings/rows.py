@@ -1,7 +1,9 @@
 """One row type for every setting trainenv reads, and the parsers its values go through.
 
 A ``Setting`` is one row: its name (also its key in ``trainenv.yaml``), its command-line flag,
-its variable, how to parse a raw value, its default and its help. The training and serving
+its variable, how to parse a raw value, its default and its help. A row with ``flag=""`` has
+no command-line option, and one with ``in_file=False`` no ``trainenv.yaml`` key (the value
+belongs to the machine or the platform, not to the job's code). The training and serving
 tables are tuples of rows; the CLI options, the variable lookups, ``--help``, ``trainenv env``
 and the README tables all come from them. A parser takes a raw value (a string from a variable
 or flag, or YAML data) and returns the typed value, or raises ``ValueError`` with what was
@@ -13,12 +15,13 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Mapping, Optional, Tuple
-
-import shlex
+    from typing import Any, Callable, Optional, Tuple
 
 from trainenv.frozen import frozen
+
+
 def text(value: Any) -> str:
+    """Any scalar as a string; a list or mapping is refused."""
     if isinstance(value, (dict, list)):
         raise ValueError("expected a string")
     return str(value)
@@ -61,31 +64,45 @@ def boolean(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+def _items(value: list | tuple) -> tuple:
+    """A YAML list's items as strings; a nested list or mapping is refused."""
+    for index, item in enumerate(value):
+        if isinstance(item, (dict, list, tuple)):
+            raise ValueError(f"item {index} is a {type(item).__name__}, expected a string")
+    return tuple(str(item) for item in value)
+
+
 def compat(value: Any) -> tuple:
     from trainenv.exports import parse_compat
 
     if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    return parse_compat(str(value), source="compat")
+        value = ",".join(_items(value))
+    return parse_compat(text(value), source="compat")
 
 
 def words(value: Any) -> tuple:
-    """A list, or a string split like a shell would (``"a==1 'b>2'"``)."""
+    """A list of strings, or a string split like a shell would (``"a==1 'b>2'"``)."""
     if isinstance(value, (list, tuple)):
-        return tuple(str(v) for v in value)
+        return _items(value)
+    import shlex  # deferred: most launches have no word list to split
+
     try:
-        return tuple(shlex.split(str(value)))
+        return tuple(shlex.split(text(value)))
     except ValueError as exc:
         raise ValueError(f"cannot split: {exc}") from None
 
 
 @frozen
 class Setting:
+    """One setting: where its value may come from, how it is parsed, and its help."""
+
     name: str
-    flag: str
+    flag: str  # "" when there is no command-line option
     variable: str
     parse: Callable[[Any], Any]
     default: Any
     help: str
     metavar: str = "VALUE"
     choices: Tuple[str, ...] = ()
+    in_file: bool = True  # may be set in trainenv.yaml under its name
+    fallbacks: Tuple[str, ...] = ()  # platform variables read after ``variable``, in order

@@ -2,16 +2,18 @@
 
 Each row of ``SETTINGS`` is one setting: its name (also its key in ``trainenv.yaml``), its
 ``trainenv train`` flag, its variable, how to parse it, its default and its help. The CLI
-options, the variable lookups, ``--help`` and the README table all come from this table.
-``resolve_settings`` returns a frozen ``LaunchSettings``; a bad value is a ``ConfigError``
-naming where it came from (the flag, the variable or the file and key) and the value.
+options, the variable lookups, ``--help`` and the README table all come from this table; every
+variable trainenv reads to launch a job is a row here (a few have no flag or no file key).
+``resolve_settings`` returns a frozen ``LaunchSettings``. Every source that gives a value is
+checked, also when a higher one wins: a bad value is a ``ConfigError`` naming where it came from
+(the flag, the variable or the file and key) and the value.
 """
 
 from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Mapping, Optional, Tuple
+    from typing import Any, Mapping, Optional, Tuple
 
 import sys
 
@@ -21,6 +23,8 @@ from trainenv.settings.rows import Setting, boolean as _boolean, choice as _choi
 
 DISTRIBUTIONS = ("none", "torchrun", "mpi")
 RDZV_BACKENDS = ("static", "c10d")
+INSTALLERS = ("auto", "uv", "pip")
+LOG_LEVELS = ("quiet", "info", "debug")
 # Keys of trainenv.yaml that are not launch settings but cluster facts (trainenv.cluster).
 CLUSTER_KEYS = ("hosts", "current_host")
 
@@ -60,6 +64,17 @@ SETTINGS: Tuple[Setting, ...] = (
             "mpi: the remote shell Open MPI starts its daemons with (plm_rsh_agent).", "CMD"),
     Setting("mpi_options", "--mpi-options", "TRAINENV_MPI_OPTIONS", _words, (),
             "mpi: extra mpirun arguments (binding, interface flags), split like a shell would.", "ARGS"),
+    Setting("installer", "--installer", "TRAINENV_INSTALLER", _choice(INSTALLERS), "auto",
+            "What installs the requirements: auto (uv if found, else pip), uv or pip.", "TOOL", INSTALLERS),
+    # Read before trainenv.yaml is (it governs the log of reading it): no file key.
+    Setting("log_level", "--log-level", "TRAINENV_LOG_LEVEL", _choice(LOG_LEVELS), "info",
+            "trainenv's own log: quiet (errors only), info or debug.", "LEVEL", LOG_LEVELS, in_file=False),
+    # Where this machine keeps the launcher's files: the machine's business, not the job's code.
+    Setting("run_dir", "", "TRAINENV_RUN_DIR", _text, None,
+            "Directory for the launcher's own files of a run (default: $TMPDIR/trainenv-<uid>).", "DIR", in_file=False),
+    # The platform names the job.
+    Setting("job_name", "", "TRAINENV_JOB_NAME", _text, None,
+            "The job's name (default: the platform's TRAINING_JOB_NAME or sagemaker_job_name, else trainenv-job).", "NAME", in_file=False),
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
@@ -86,6 +101,10 @@ class LaunchSettings:
     peer_timeout_seconds: float = 600.0
     mpi_rsh_agent: str = "ssh"
     mpi_options: Tuple[str, ...] = ()
+    installer: str = "auto"
+    log_level: str = "info"
+    run_dir: Optional[str] = None
+    job_name: Optional[str] = None
     sources: Mapping[str, str] = FrozenDict()  # setting name → where its value came from
     _not_compared = ("sources",)
 
@@ -101,38 +120,66 @@ def _file_key(file_settings: Mapping[str, Any], name: str) -> Optional[str]:
     return None
 
 
+def _check_file_keys(file_settings: Mapping[str, Any], file_source: object) -> None:
+    in_file = [s.name for s in SETTINGS if s.in_file]
+    known = set(in_file) | {n.replace("_", "-") for n in in_file} | set(CLUSTER_KEYS)
+    for key in file_settings:
+        if key in known:
+            continue
+        setting = SETTINGS_BY_NAME.get(str(key).replace("-", "_"))
+        if setting is not None:
+            raise ConfigError.at(file_source, key, f"not a trainenv.yaml setting; set {setting.variable} instead")
+        raise ConfigError.at(file_source, key, f"unknown setting; known settings: {', '.join(in_file)}")
+
+
+def _candidates(
+    setting: Setting, flags: Mapping[str, Any], environ: Mapping[str, str], file_settings: Mapping[str, Any], file_source: object
+) -> list:
+    """``(raw value, source, key)`` from each source that sets ``setting``, highest first."""
+    found: list = []
+    if setting.flag and flags.get(setting.name) is not None:
+        found.append((flags[setting.name], f"option {setting.flag.split('/')[0]}", None))
+    if environ.get(setting.variable, "") != "":
+        found.append((environ[setting.variable], setting.variable, None))
+    key = _file_key(file_settings, setting.name) if setting.in_file else None
+    if key is not None and file_settings[key] is not None:
+        found.append((file_settings[key], file_source, key))
+    return found
+
+
+def _parse(setting: Setting, raw: Any, source: object, key: Optional[str]) -> Any:
+    try:
+        return setting.parse(raw)
+    except ConfigError as exc:
+        raise ConfigError.at(source, key, f"{shown(raw)}: {str(exc).split(': ', 1)[-1]}") from None
+    except ValueError as exc:
+        raise ConfigError.at(source, key, f"{shown(raw)}: {exc}") from None
+
+
 def resolve_settings(
     flags: Mapping[str, Any],
     environ: Mapping[str, str],
     file_settings: Mapping[str, Any],
     file_source: object = "trainenv.yaml",
 ) -> LaunchSettings:
-    """Each setting from the first of: flag, variable, ``trainenv.yaml``, default."""
-    known = set(SETTINGS_BY_NAME) | {n.replace("_", "-") for n in SETTINGS_BY_NAME} | set(CLUSTER_KEYS)
-    for key in file_settings:
-        if key not in known:
-            raise ConfigError.at(file_source, key, f"unknown setting; known settings: {', '.join(SETTINGS_BY_NAME)}")
+    """Each setting from the first of: flag, variable, ``trainenv.yaml``, default.
+
+    The value of every source is parsed, so a bad one is an error even where a higher one wins.
+    """
+    _check_file_keys(file_settings, file_source)
     values: dict = {}
     sources: dict = {}
     for setting in SETTINGS:
-        key = _file_key(file_settings, setting.name)
-        if flags.get(setting.name) is not None:
-            raw, where = flags[setting.name], (f"option {setting.flag.split('/')[0]}", None)
-        elif environ.get(setting.variable, "") != "":
-            raw, where = environ[setting.variable], (setting.variable, None)
-        elif key is not None and file_settings[key] is not None:
-            raw, where = file_settings[key], (file_source, key)
-        else:
+        candidates = _candidates(setting, flags, environ, file_settings, file_source)
+        # Every source's value is parsed, not only the winner's: a bad one is an error either way.
+        parsed = [_parse(setting, raw, source, key) for raw, source, key in candidates]
+        if not candidates:
             values[setting.name] = setting.default
             sources[setting.name] = "default"
             continue
-        try:
-            values[setting.name] = setting.parse(raw)
-        except ConfigError as exc:
-            raise ConfigError.at(where[0], where[1], f"{shown(raw)}: {str(exc).split(': ', 1)[-1]}") from None
-        except ValueError as exc:
-            raise ConfigError.at(where[0], where[1], f"{shown(raw)}: {exc}") from None
-        sources[setting.name] = where[0] if where[1] is None else f"{where[0]}: {where[1]}"
+        _, source, key = candidates[0]
+        values[setting.name] = parsed[0]
+        sources[setting.name] = source if key is None else f"{source}: {key}"
     if values["entry_point"] and values["command"]:
         raise ConfigError(
             f"both an entry point ({sources['entry_point']}) and a command ({sources['command']}) are set; use one"

@@ -1,0 +1,173 @@
+"""Parsers for the values the cluster sources hold: host names, ``host:port`` entries, host
+lists, ranks, sizes, ports and JSON variables (``trainenv.cluster`` reads the sources).
+
+Each takes the raw value and where it came from (a variable, or a file and key) and returns the
+typed value, or raises a one-line ``ConfigError`` naming that source, the key and the value (URL
+credentials hidden). An empty or blank variable counts as unset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import json
+import re
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Optional, Sequence, Tuple
+
+from trainenv.errors import ConfigError, shown
+from trainenv.redact import redact_urls
+
+NPROC_KEYWORDS = ("auto", "gpu", "cpu", "xpu")
+DIGITS = re.compile(r"[0-9]+")
+MAX_PORT = 65535
+MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
+
+
+def read_var(environ: Mapping[str, str], name: str) -> Optional[str]:
+    """The variable's value stripped, or ``None`` when unset or blank."""
+    value = environ.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def show(value: Any) -> str:
+    """A short repr for an error message, with URL credentials hidden."""
+    if isinstance(value, str):
+        return shown(redact_urls(value))
+    text = repr(value)
+    clean = redact_urls(text)
+    return shown(value) if clean == text else shown(clean)
+
+
+def load_json(text: str, source: str) -> Any:
+    """The variable's JSON, nested at most ``MAX_DEPTH`` levels like every config file."""
+    from trainenv.config import TOO_DEEP, check_depth
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ConfigError.at(source, None, TOO_DEEP) from None
+    except ValueError as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ConfigError.at(source, None, f"{show(text)} is not valid JSON ({reason})") from None
+    check_depth(source, value)
+    return value
+
+
+def non_negative_int(raw: str, name: str) -> int:
+    if not DIGITS.fullmatch(raw) or len(raw) > MAX_DIGITS:
+        raise ConfigError.at(name, None, f"{show(raw)} is not a non-negative integer")
+    return int(raw)
+
+
+def platform_master_port(environ: Mapping[str, str], names: Tuple[str, ...]) -> Optional[int]:
+    for name in names:
+        raw = read_var(environ, name)
+        if raw is not None:
+            port = int(raw) if DIGITS.fullmatch(raw) and len(raw) <= 5 else 0
+            if not 1 <= port <= MAX_PORT:
+                raise ConfigError.at(name, None, f"{show(raw)} is not a port (1-{MAX_PORT})")
+            return port
+    return None
+
+
+def platform_nproc_per_node(
+    environ: Mapping[str, str], names: Tuple[str, ...] = ("PET_NPROC_PER_NODE", "NPROC_PER_NODE")
+) -> Optional[int]:
+    for name in names:
+        raw = read_var(environ, name)
+        if raw is None:
+            continue
+        if raw.lower() in NPROC_KEYWORDS:
+            return None
+        count = non_negative_int(raw, name)
+        if count < 1:
+            raise ConfigError.at(name, None, f"{count} is not a positive process count")
+        return count
+    return None
+
+
+def is_host_name(text: str) -> bool:
+    return bool(text) and not any(c.isspace() or c == "\0" for c in text)
+
+
+def host_name(value: Any, source: str, key: Optional[str]) -> str:
+    if not isinstance(value, str) or not is_host_name(value):
+        raise ConfigError.at(source, key, f"{show(value)} is not a host name")
+    return value
+
+
+def host_of_entry(value: Any, source: str, key: Optional[str]) -> str:
+    """``host``, ``host:port`` or ``[v6]:port`` -> host; a bare IPv6 address is kept."""
+    entry = host_name(value, source, key)
+    if entry.startswith("["):
+        end = entry.find("]")
+        rest = entry[end + 1 :] if end > 1 else ""
+        if end <= 1 or (rest and not (rest[0] == ":" and DIGITS.fullmatch(rest[1:]))):
+            raise ConfigError.at(source, key, f"{show(entry)} is not [address]:port")
+        return entry[1:end]
+    if entry.count(":") == 1:
+        host, port = entry.split(":")
+        if not host or not DIGITS.fullmatch(port):
+            raise ConfigError.at(source, key, f"{show(entry)} is not host:port")
+        return host
+    return entry
+
+
+def host_list(value: Any, source: str, key: Optional[str]) -> Tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError.at(source, key, f"{show(value)} is not a list of host names")
+    if not value:
+        raise ConfigError.at(source, key, "is an empty host list")
+    return tuple(host_name(host, source, f"{key or ''}[{i}]") for i, host in enumerate(value))
+
+
+def no_duplicates(items: Sequence[str], source: str, key: Optional[str]) -> None:
+    seen: set = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError.at(source, key, f"{show(item)} is listed twice")
+        seen.add(item)
+def instance_group_hosts(groups: Any, source: str) -> Tuple[str, ...]:
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError.at(source, "instance_groups", f"{show(groups)} is not a list of groups")
+    hosts: list = []
+    for i, group in enumerate(groups):
+        key = f"instance_groups[{i}].hosts"
+        if not isinstance(group, Mapping) or "hosts" not in group:
+            raise ConfigError.at(source, f"instance_groups[{i}]", f"{show(group)} has no hosts")
+        hosts.extend(host_list(group["hosts"], source, key))
+    return tuple(hosts)
+
+
+def check_sparse(sparse: Any, name: str, key: str) -> None:
+    """Validate Kubeflow's sparse cluster: ``{"worker": {"1": addr}, "ps": [addr]}``."""
+    if not isinstance(sparse, dict):
+        raise ConfigError.at(name, key, f"{show(sparse)} is not a JSON object")
+    for job, entries in sparse.items():
+        where = f"{key}.{job}"
+        if isinstance(entries, dict):
+            for index, entry in entries.items():
+                if not DIGITS.fullmatch(index):
+                    raise ConfigError.at(name, where, f"{show(index)} is not a task index")
+                host_of_entry(entry, name, f"{where}.{index}")
+        elif isinstance(entries, list):
+            for i, entry in enumerate(entries):
+                host_of_entry(entry, name, f"{where}[{i}]")
+        else:
+            raise ConfigError.at(name, where, f"{show(entries)} is not a list or an index map")
+
+
+def nnodes(raw: str) -> Tuple[int, int]:
+    """``N`` -> (N, N); ``MIN:MAX`` -> (MIN, MAX)."""
+    parts = raw.split(":")
+    if len(parts) > 2 or not all(DIGITS.fullmatch(p.strip()) for p in parts):
+        raise ConfigError.at("PET_NNODES", None, f"{show(raw)} is not N or MIN:MAX")
+    low, high = int(parts[0]), int(parts[-1])
+    if low < 1 or high < low:
+        raise ConfigError.at("PET_NNODES", None, f"{show(raw)} needs 1 <= MIN <= MAX")
+    return low, high
