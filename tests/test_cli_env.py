@@ -1,4 +1,4 @@
-"""``trainenv env``: the installed command on real job trees (CONTRACT §7, §8).
+"""``trainenv env``: the installed command on real job trees.
 
 Formats (json, yaml, shell: eval-ed by a real ``sh``), secrets, exit 78 with a one-line
 message on every kind of bad input (the tree untouched), local mode, a non-root user with a
@@ -42,11 +42,30 @@ def env_json(run_trainenv, base: Path, *args: str, **extra: str) -> dict:
 # Formats
 
 
-def test_json_is_the_snapshot(run_trainenv, research_tree):
-    data = env_json(run_trainenv, research_tree)
+def test_json_is_the_snapshot_and_the_plan(run_trainenv, research_tree):
+    data = env_json(run_trainenv, research_tree, SAGEMAKER_PROGRAM="train.py")
+    launch = data.pop("launch")
     expected = build_training_env({"TRAINENV_BASE_DIR": str(research_tree)}).to_dict()
     assert data == expected
     assert list(data) == list(TrainingEnv._field_names())
+    assert launch["entry_point"]["source"] == "SAGEMAKER_PROGRAM"
+    assert launch["argv"] == [sys.executable, str(research_tree / "usercode/train.py"), *expected["user_args"]]
+    assert launch["settings"]["compat"] == {"value": ["pai"], "source": "default"}
+
+
+def test_without_an_entry_point_the_plan_has_no_argv(run_trainenv, job_tree):
+    launch = env_json(run_trainenv, job_tree(hyperparameters={"lr": "0.1"}))["launch"]
+    assert launch["entry_point"] is None and launch["argv"] == []
+    assert launch["environment"]["TRAINENV_HP_LR"] == "0.1"
+
+
+def test_a_bad_entry_point_exits_78_with_one_line(run_trainenv, job_tree, tree_state, tmp_path):
+    base = job_tree()
+    before = tree_state(tmp_path)
+    result = run_trainenv("env", "--format", "shell", extra_env={"TRAINENV_BASE_DIR": str(base), "TRAINENV_ENTRY_POINT": "missing.py"})
+    assert result.returncode == EXIT_CONFIG and result.stdout == ""
+    assert result.stderr.splitlines() == [f"trainenv: ConfigError: TRAINENV_ENTRY_POINT: 'missing.py': {base}/usercode/missing.py does not exist"]
+    assert tree_state(tmp_path) == before
 
 
 def test_yaml_is_the_same_data(run_trainenv, research_tree):
@@ -124,24 +143,30 @@ def test_shell_format_follows_trainenv_compat(run_trainenv, research_tree):
         assert result.returncode == 0, result.stderr
         return {line.split("=", 1)[0].split()[1].split("_")[0] for line in result.stdout.splitlines()}
 
-    assert names("none") == {"TRAINENV"}
-    assert names("pai") == {"TRAINENV", "PAI"}
-    assert names(ALL_COMPAT) == {"TRAINENV", "PAI", "SM", "AIP"}
+    python = {"PYTHONPATH", "PYTHONUNBUFFERED"}
+    assert names("none") == {"TRAINENV"} | python
+    assert names("pai") == {"TRAINENV", "PAI"} | python
+    assert names(ALL_COMPAT) == {"TRAINENV", "PAI", "SM", "AIP"} | python
 
 
 # ---------------------------------------------------------------------------------------
-# Secrets (CONTRACT §8)
+# Secrets
 
 SECRET = "hunter2hunter2"
 URL_PASSWORD = "pw123456"
 
 
-SECRET_NAMES = ["my_token", "client_secret", "db_password", "passwd", "api_key", "aws_credentials", "auth_header", "API_KEY_2", "Auth-Token"]
+SECRET_NAMES = [
+    "my_token", "client_secret", "db_password", "passwd", "api_key", "aws_credentials", "Auth-Token", "HF_TOKEN",
+    "wandbApiKey", "MyAPIKey", "ssh.pwd", "gpg_passphrase", "x-auth", "service_credential", "dbPassword",
+]
+NOT_SECRET_NAMES = ["tokenizer", "max_tokens", "key_dim", "monkey_patch", "author", "auth_header", "API_KEY_2", "keyboard"]
 
 
 @pytest.fixture
 def secret_tree(job_tree):
     hps = {name: json.dumps(f"{SECRET}-{i}") for i, name in enumerate(SECRET_NAMES)}
+    hps.update({name: json.dumps(f"shown-{i}") for i, name in enumerate(NOT_SECRET_NAMES)})
     hps.update({"db": json.dumps(f"postgres://bob:{URL_PASSWORD}@db.internal:5432/x"), "lr": "0.1"})
     return job_tree(hyperparameters=hps)
 
@@ -156,13 +181,44 @@ def test_secret_names_are_masked(run_trainenv, secret_tree):
     data = json.loads(run_format(run_trainenv, secret_tree, "json"))
     for name in SECRET_NAMES:
         assert data["hyperparameters"][name] == "***", name
+        assert data["launch"]["environment"][f"TRAINENV_HP_{normalize(name)}"] == "***", name
+    for i, name in enumerate(NOT_SECRET_NAMES):
+        assert data["hyperparameters"][name] == f"shown-{i}", name
     assert data["hyperparameters"]["db"] == "postgres://***@db.internal:5432/x"
     assert data["hyperparameters"]["lr"] == 0.1
     assert yaml.safe_load(run_format(run_trainenv, secret_tree, "yaml"))["hyperparameters"]["api_key"] == "***"
+
+
+def test_shell_format_leaves_secrets_out_with_a_comment(run_trainenv, secret_tree):
     shell = run_format(run_trainenv, secret_tree, "shell")
+    assert "***" not in shell
     for name in SECRET_NAMES:
         for prefix in ("TRAINENV_HP_", "PAI_HPS_", "SM_HP_"):
-            assert f"export {prefix}{normalize(name)}='***'\n" in shell
+            # wandbApiKey becomes WANDBAPIKEY: no longer a secret name, but its value is one
+            kind = "holds a secret" if name in ("wandbApiKey", "MyAPIKey") else "secret"
+            assert f"\n# {prefix}{normalize(name)}: {kind}, left out (--show-secrets prints it)\n" in shell
+    for name in ("TRAINENV_HPS", "TRAINENV_HP_DB", "SM_TRAINING_ENV"):
+        assert f"\n# {name}: holds a secret, left out (--show-secrets prints it)\n" in shell
+    back = eval_in_sh(shell, re.findall(r"^export ([A-Z0-9_]+)=", shell, re.MULTILINE))
+    assert "TRAINENV_HP_HF_TOKEN" not in back and "TRAINENV_HPS" not in back
+    for i, name in enumerate(NOT_SECRET_NAMES):
+        assert back[f"TRAINENV_HP_{normalize(name)}"] == f"shown-{i}"
+
+
+@pytest.mark.parametrize("fmt", ["json", "shell"])
+def test_show_secrets_prints_them(run_trainenv, secret_tree, fmt):
+    result = run_trainenv(
+        "env", "--format", fmt, "--show-secrets", extra_env={"TRAINENV_BASE_DIR": str(secret_tree), "TRAINENV_COMPAT": ALL_COMPAT}
+    )
+    assert result.returncode == 0, result.stderr
+    if fmt == "json":
+        data = json.loads(result.stdout)
+        assert data["hyperparameters"]["HF_TOKEN"] == f"{SECRET}-7"
+        assert data["launch"]["environment"]["TRAINENV_HP_HF_TOKEN"] == f"{SECRET}-7"
+    else:
+        back = eval_in_sh(result.stdout, ["TRAINENV_HP_HF_TOKEN", "TRAINENV_HPS"])
+        assert back["TRAINENV_HP_HF_TOKEN"] == f"{SECRET}-7"
+        assert json.loads(back["TRAINENV_HPS"])["db"] == f"postgres://bob:{URL_PASSWORD}@db.internal:5432/x"
 
 
 def test_url_credentials_in_an_error_are_redacted(run_trainenv, job_tree):
@@ -245,10 +301,10 @@ def test_shell_format_survives_a_secret_that_is_also_a_name_part(run_trainenv, r
     path.write_text(json.dumps({"api_key": "HOST", "lr": "0.1"}))
     out = run_format(run_trainenv, research_tree, "shell")
     names = re.findall(r"^export ([^=]+)=", out, re.MULTILINE)
-    expected = build_training_env({"TRAINENV_BASE_DIR": str(research_tree)}).to_env_vars(tuple(ALL_COMPAT.split(",")))
-    assert names == list(expected)
+    assert all(re.fullmatch(r"[A-Z0-9_]+", name) for name in names)
     back = eval_in_sh(out, names)
-    assert back["TRAINENV_CURRENT_HOST"] == "algo-1" and back["TRAINENV_HP_API_KEY"] == "***"
+    assert back["TRAINENV_CURRENT_HOST"] == "algo-1" and "TRAINENV_HP_API_KEY" not in back
+    assert "# TRAINENV_HP_API_KEY: secret, left out (--show-secrets prints it)" in out.splitlines()
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml", "shell"])

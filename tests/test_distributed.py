@@ -1,8 +1,8 @@
-"""Multi-node launch through the real engines (``trainenv.distributed``).
+"""Multi-node launch through the real engines (``trainenv.launchers``, ``trainenv.nodes``).
 
 Fast tests (always run): the argv, hostfile, environment and peers ``build_plan`` produces for
 every case; the peer wait against real sockets; node 0's link and the real
-``python -m trainenv.distributed wait-for-master`` processes; and real ``trainenv train``
+``python -m trainenv.nodes wait-for-master`` processes; and real ``trainenv train``
 runs for the one-line errors (torch missing, mpirun missing, a master that never comes).
 
 Engine tests (``-m distributed``): two real ``trainenv train`` nodes run the examples in
@@ -41,7 +41,8 @@ from distributed_harness import (
     write_rsh_agent,
 )
 from launch_support import TRAINENV, make_tree
-from trainenv.distributed import NodeLink, PeerTimeout, mpi_exported_names, relayed_failure, wait_for_peers
+from trainenv.launchers import mpi_exported_names
+from trainenv.nodes import NodeLink, PeerTimeout, relayed_failure, wait_for_peers
 from trainenv.environment import build_training_env
 from trainenv.errors import ConfigError
 from trainenv.layout import Layout
@@ -127,7 +128,7 @@ def test_torchrun_static_on_every_node(tmp_path):
                      resource_config=cluster("node1"))
     assert node1.argv[node1.argv.index("--node-rank") + 1] == "1"
     assert node1.peers == (("node0", 29501),)  # node 0's trainenv, on MASTER_PORT + 1
-    # The node-level names of CONTRACT §4, set on every node.
+    # The node-level names every node gets (see trainenv.exports).
     for plan, rank in ((node0, "0"), (node1, "1")):
         env = plan.env
         assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["NNODES"], env["NPROC_PER_NODE"]) == ("node0", "29500", "2", "2")
@@ -282,7 +283,7 @@ def test_mpi_options_replace_defaults_and_platform_agent_is_kept(tmp_path):
 def test_mpi_other_nodes_wait_for_node_zero(tmp_path):
     plan = mpi_plan(tmp_path, "node1", TRAINENV_MASTER_PORT="31000", TRAINENV_PEER_TIMEOUT_SECONDS="45")
     assert list(plan.argv) == [
-        sys.executable, "-m", "trainenv.distributed", "wait-for-master", "node0", "31001", "45",
+        sys.executable, "-m", "trainenv.nodes", "wait-for-master", "node0", "31001", "45",
         "--job", "trainenv-job", "--rank", "1", "--host", "node1", "--failure-file", plan.failure_file,
     ]
     assert plan.peers == (("node0", 31001),) and plan.hostfile is None
@@ -395,7 +396,7 @@ def hub_ports() -> int:
 def start_waiter(tmp_path: Path, port: int, rank: int, *, job: str = "job", timeout: float = 20) -> subprocess.Popen:
     failure = tmp_path / f"node{rank}" / "output" / "failure"
     return subprocess.Popen(
-        [PYTHON, "-m", "trainenv.distributed", "wait-for-master", "127.0.0.1", str(port), f"{timeout:g}",
+        [PYTHON, "-m", "trainenv.nodes", "wait-for-master", "127.0.0.1", str(port), f"{timeout:g}",
          "--job", job, "--rank", str(rank), "--host", f"node{rank}", "--failure-file", str(failure)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

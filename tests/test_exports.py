@@ -1,7 +1,7 @@
-"""trainenv.exports: the variables and argv the entry point receives (CONTRACT §4).
+"""trainenv.exports: the variables and argv the entry point receives.
 
 The SageMaker name set is checked name for name against what AWS's toolkit produced for the
-research notes' fake job (§3.8); the PAI, Vertex and multi-node sets against the contract;
+research notes' fake job (tests/data); the PAI, Vertex and multi-node sets against the README;
 the size cap by exec-ing a real ``/bin/true`` with the result.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from launch_support import TRAINENV, job_environ, make_tree
 from trainenv.environment import TrainingEnv, build_training_env, training_env
 from trainenv.errors import ConfigError
 from trainenv.exports import (
@@ -486,3 +487,109 @@ def test_json_variables_are_strict_json(job_tree, document):
     for name in ("TRAINENV_HPS", "TRAINENV_USER_ARGS", "SM_HPS", "SM_TRAINING_ENV"):
         strict_json(v[name])
     strict_json(v["TRAINENV_HP_A"])
+
+
+# ---------------------------------------------------------------------------------------
+# argv is capped like the environment: real ``trainenv train`` runs
+
+REPORT = (
+    "import json, sys\n"
+    "from trainenv import training_env\n"
+    "names = [a[2:] for a in sys.argv[1::2]]\n"
+    "hps = training_env().hyperparameters\n"
+    "print(json.dumps({'argv': names, 'sizes': {k: len(str(v)) for k, v in hps.items()}}))\n"
+)
+
+
+def train_report(tmp_path, hyperparameters, preexec_fn=None):
+    """Run a real ``trainenv train`` whose entry point reports the argv names and training_env()."""
+    base = make_tree(tmp_path, {"train.py": REPORT}, hyperparameters)
+    done = subprocess.run(
+        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="pai,sagemaker"),
+        capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), [line for line in done.stderr.splitlines() if "left out of the arguments" in line]
+
+
+def test_one_hyperparameter_of_200_kib_is_left_out_of_argv_with_a_warning(tmp_path):
+    report, warnings = train_report(tmp_path, {"lr": "0.1", "vocab": "w" * (200 * 1024), "epochs": "3"})
+    assert report["argv"] == ["lr", "epochs"]
+    assert report["sizes"]["vocab"] == 200 * 1024, "training_env() still has it"
+    assert len(warnings) == 1 and "'vocab'" in warnings[0]
+
+
+def test_25_hyperparameters_of_100_kib_are_left_out_of_argv(tmp_path):
+    hps = {f"blob_{i}": "b" * (100 * 1024) for i in range(25)}
+    report, warnings = train_report(tmp_path, {"lr": "0.1", **hps})
+    assert report["argv"] == ["lr"]
+    assert all(report["sizes"][name] == 100 * 1024 for name in hps)
+    assert len(warnings) == 25
+
+
+def test_argv_and_environment_fit_the_limit_the_kernel_computes(tmp_path):
+    """A 1 MiB stack: ARG_MAX is 256 KiB, not the usual 2 MiB; values under the cap, too many together."""
+    import resource
+
+    def small_stack():
+        resource.setrlimit(resource.RLIMIT_STACK, (1024 * 1024, 1024 * 1024))
+
+    hps = {f"part_{i:02d}": "p" * (8 * 1024) for i in range(40)}  # 320 KiB of argv alone
+    report, warnings = train_report(tmp_path, hps, preexec_fn=small_stack)
+    kept = report["argv"]
+    assert 0 < len(kept) < 40 and kept == sorted(kept), "the largest left out, the order of the rest kept"
+    assert len(warnings) == 40 - len(kept)
+    assert all(report["sizes"][name] == 8 * 1024 for name in hps)
+
+
+# ---------------------------------------------------------------------------------------
+# Compat sagemaker: what AWS's toolkit gives a job
+
+
+def test_sagemaker_job_name_is_the_platforms_or_null(research_tree):
+    env = build(research_tree)  # hyperparameters.json names the job (sagemaker_job_name: job-123)
+    assert env.job_name == "job-123"
+    assert json.loads(env.to_env_vars(("sagemaker",))["SM_TRAINING_ENV"])["job_name"] is None
+    named = env.to_env_vars(("sagemaker",), training_job_name="train-2026")
+    assert json.loads(named["SM_TRAINING_ENV"])["job_name"] == "train-2026"
+
+
+def test_sagemaker_job_name_in_a_real_job(tmp_path):
+    script = "import json, os\nprint(json.dumps(json.loads(os.environ['SM_TRAINING_ENV'])['job_name']))\n"
+    base = make_tree(tmp_path, {"train.py": script})
+    for extra, expected in (({}, None), ({"TRAINING_JOB_NAME": "sm-job-7"}, "sm-job-7")):
+        done = subprocess.run(
+            [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker", **extra),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == expected
+
+
+def test_sagemaker_output_data_dir_exists_when_the_job_starts(tmp_path):
+    script = "import os\nopen(os.path.join(os.environ['SM_OUTPUT_DATA_DIR'], 'metrics.json'), 'w').write('{}')\n"
+    base = make_tree(tmp_path, {"train.py": script})
+    done = subprocess.run(
+        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (base / "output" / "data" / "metrics.json").is_file()
+
+
+def test_an_inherited_environment_near_the_limit_still_launches(tmp_path):
+    """ARG_MAX 256 KiB (1 MiB stack), 220 KiB of it inherited: trainenv's own names give way."""
+    import resource
+
+
+    def small_stack():
+        resource.setrlimit(resource.RLIMIT_STACK, (1024 * 1024, 1024 * 1024))
+
+    base = make_tree(tmp_path, {"train.py": REPORT}, {"lr": "0.1", "notes": "n" * 20_000})
+    inherited = {"BIG_A": "a" * (110 * 1024), "BIG_B": "b" * (110 * 1024)}
+    done = subprocess.run(
+        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", **inherited),
+        capture_output=True, text=True, timeout=60, preexec_fn=small_stack,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["sizes"] == {"lr": 3, "notes": 20_000}

@@ -114,11 +114,11 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, in
 
 
 def _output_channels(layout: Layout) -> list:
-    from trainenv.config import check_channel_name, is_ignored_dir
+    from trainenv.config import check_channel_name, is_dir_entry, is_ignored_dir
 
     names = list(STANDARD_OUTPUT_CHANNELS)
     try:
-        entries = sorted(e.name for e in os.scandir(layout.output_dir) if e.is_dir() and not is_ignored_dir(e.name))
+        entries = sorted(e.name for e in os.scandir(layout.output_dir) if is_dir_entry(e) and not is_ignored_dir(e.name))
     except OSError:
         entries = []
     for name in entries:
@@ -143,7 +143,7 @@ def build_training_env(
     layout = layout or Layout.resolve(environ)
     settings_path = None
     if settings is None:
-        settings, settings_path = config.read_settings_file(layout.settings_files)
+        settings, settings_path = config.read_file_settings(layout.settings_files)
     hyperparameters, framework_parameters = config.read_hyperparameters(layout.hyperparameters_file)
     input_data_config = config.read_input_data_config(layout.inputdataconfig_file)
     channels = list(input_data_config)
@@ -209,7 +209,7 @@ def load_training_env(path: str) -> TrainingEnv:
     """Load a snapshot the launcher wrote (``TRAINENV_ENV_FILE``)."""
     from pathlib import Path
 
-    from trainenv.config import decode_text, parse_json, read_bytes
+    from trainenv.config import MAX_DEPTH, check_depth, decode_text, parse_json, read_bytes
 
     data = read_bytes(Path(path), max_bytes=256 * 1024 * 1024)
     if data is None:
@@ -217,6 +217,7 @@ def load_training_env(path: str) -> TrainingEnv:
     value = parse_json(path, decode_text(Path(path), data))
     if not isinstance(value, dict):
         raise ConfigError.at(path, None, "a snapshot file must hold a JSON object")
+    check_depth(path, value, MAX_DEPTH + 2)  # hyperparameters nest at most MAX_DEPTH below the snapshot's top
     return TrainingEnv.from_dict(value, source=path)
 
 

@@ -1,4 +1,4 @@
-"""Every variable and argument the entry point receives (CONTRACT §4), as pure functions.
+"""Every variable and argument the entry point receives as pure functions.
 
 ``to_env_vars(env)`` turns a ``TrainingEnv`` into ``{NAME: value}``; ``to_cmd_args(hps)`` into
 argv. Name sets:
@@ -32,6 +32,11 @@ out (it stays in the snapshot file, ``TRAINENV_ENV_FILE``), and so are the large
 all together would pass the total budget (``cap_sizes``); ``TRAINENV_OMITTED`` lists the names
 left out, so a job never fails with "Argument list too long".
 
+Arguments are capped the same way (``cap_args``): a hyperparameter whose value is over 32 KiB
+is left out of argv (it stays in the snapshot file), and so are the largest when all together
+would pass their budget. ``kernel_arg_limit`` is what ``exec`` accepts for argv and environment
+together, from ``sysconf(ARG_MAX)``; no single string may pass ``MAX_ARG_STRLEN`` (128 KiB).
+
 Which of these the platform already set is the launcher's business: it never overwrites a
 name other than ``TRAINENV_*``.
 """
@@ -39,6 +44,7 @@ name other than ``TRAINENV_*``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 
@@ -47,12 +53,16 @@ from trainenv.errors import ConfigError
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Iterable, Mapping, Optional, Sequence
-    from trainenv.environment import TrainingEnv
 
-MAX_VAR_BYTES = 32 * 1024
-# The kernel takes argv + environment up to a quarter of the stack limit (2 MiB with the usual
-# 8 MiB): the exported names get half of that by default, the rest is for argv and the
-# inherited environment (``plan`` passes the exact remainder).
+    # A TrainingEnv (trainenv.environment builds it and imports this module; this module only reads it).
+    TrainingEnv = Any
+
+MAX_VAR_BYTES = 32 * 1024  # one NAME=value, and one argument value
+MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argv or environment string, NUL included
+# Linux caps argv + environment at a quarter of the stack limit (what sysconf(ARG_MAX) reports),
+# and never above 3/4 of its 8 MiB stack ceiling, whatever the limit.
+KERNEL_CEILING = 6 * 1024 * 1024
+# The exported names get half of the usual 2 MiB by default; ``plan`` passes the exact remainder.
 DEFAULT_TOTAL_BUDGET = 1024 * 1024
 COMPAT_SETS = ("pai", "sagemaker", "vertex")
 DEFAULT_COMPAT = ("pai",)
@@ -138,8 +148,12 @@ def _texts(value: Any, source: str, key: str) -> list:
     return [_text(item, source, key) for item in value]
 
 
-def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str]) -> dict:
-    """The ``SM_*`` names AWS's toolkit writes (its ``Environment.to_env_vars``)."""
+def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str], training_job_name: Optional[str]) -> dict:
+    """The ``SM_*`` names AWS's toolkit writes (its ``Environment.to_env_vars``).
+
+    ``training_job_name`` is the platform's ``TRAINING_JOB_NAME``: AWS's ``job_name`` is that
+    variable or null, whatever else names the job.
+    """
     rc = dict(env.resource_config or {})
     rc_source = f"{env.config_dir}/resourceconfig.json"
     groups = rc.get("instance_groups") or []
@@ -205,7 +219,7 @@ def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str]) -> dict:
         "is_modelparallel_enabled": None,
         "is_smddpmprun_installed": False,
         "is_smddprun_installed": False,
-        "job_name": env.job_name,
+        "job_name": training_job_name,
         "log_level": 20,
         "master_hostname": dist_hosts[0] if dist_hosts else (env.hosts[0] if env.hosts else env.master_host),
         "model_dir": env.model_dir,
@@ -420,16 +434,79 @@ def to_env_vars(
     nproc_per_node: Optional[int] = None,
     master_port: Optional[int] = None,
     entry_point: Optional[str] = None,
+    training_job_name: Optional[str] = None,
     total_budget: int = DEFAULT_TOTAL_BUDGET,
 ) -> dict:
-    """The snapshot as environment variables (see the module docstring for the name sets)."""
+    """The snapshot as environment variables (see the module docstring for the name sets).
+
+    ``entry_point`` (as configured) and ``training_job_name`` (the platform's
+    ``TRAINING_JOB_NAME``) are for the ``sagemaker`` set; ``total_budget`` caps all names together.
+    """
     out = trainenv_vars(env)
     if "pai" in compat:
         out.update(_pai_vars(env))
     if "sagemaker" in compat:
-        out.update(_sagemaker_vars(env, entry_point))
+        out.update(_sagemaker_vars(env, entry_point, training_job_name))
     if "vertex" in compat:
         out.update(_vertex_vars(env))
     nproc = nproc_per_node or env.num_gpus or 1
     out.update(cluster_env_vars(env, nproc, master_port))
     return cap_sizes(out, total_budget)
+
+
+def kernel_arg_limit() -> int:
+    """What ``exec`` accepts for argv + environment together (bytes, pointers included)."""
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (OSError, ValueError):
+        limit = -1
+    return MAX_ARG_STRLEN if limit <= 0 else max(MAX_ARG_STRLEN, min(limit, KERNEL_CEILING))
+
+
+def environ_bytes(environ: Mapping[str, str]) -> int:
+    """What an environment costs ``exec`` (see ``entry_bytes``)."""
+    return sum(entry_bytes(name, value) for name, value in environ.items())
+
+
+def arg_bytes(arg: str) -> int:
+    """What one argument costs ``exec``: its bytes, its NUL and its pointer."""
+    return len(arg.encode("utf-8", "surrogateescape")) + 1 + 8
+
+
+def cap_args(args: Sequence[str], budget: int) -> tuple:
+    """``(kept args, left-out names, kept bytes)`` for ``--name value`` pairs (``to_cmd_args``).
+
+    A pair whose value is over ``MAX_VAR_BYTES`` is left out, then the largest until the rest
+    fits ``budget``; the order of the others is kept.
+    """
+    pairs = [(args[i], args[i + 1]) for i in range(0, len(args) - 1, 2)]
+    sizes = [arg_bytes(flag) + arg_bytes(value) for flag, value in pairs]
+    dropped = {i for i, (_, value) in enumerate(pairs) if len(value.encode("utf-8", "surrogateescape")) > MAX_VAR_BYTES}
+    total = sum(size for i, size in enumerate(sizes) if i not in dropped)
+    for i in sorted(range(len(pairs)), key=lambda i: -sizes[i]):
+        if total <= budget:
+            break
+        if i not in dropped:
+            dropped.add(i)
+            total -= sizes[i]
+    kept = tuple(part for i, pair in enumerate(pairs) if i not in dropped for part in pair)
+    return kept, tuple(pairs[i][0][2:] for i in sorted(dropped)), total
+
+
+def shell_lines(variables: Mapping[str, str], secrets: Iterable[str] = (), show_secrets: bool = False) -> str:
+    """``export NAME='value'`` lines, safe to ``eval``.
+
+    Unless ``show_secrets``, a value that redacting changes (a secret name, a secret inside,
+    URL credentials) is not printed as if it were the value: a comment line says it is left out.
+    """
+    from trainenv.redact import is_secret_name, redact_data
+
+    secrets = tuple(secrets)
+    lines = []
+    for name, value in variables.items():
+        if not show_secrets and redact_data(value, secrets, name) != value:
+            kind = "secret" if is_secret_name(name) else "holds a secret"
+            lines.append(f"# {name}: {kind}, left out (--show-secrets prints it)\n")
+        else:
+            lines.append(f"export {name}={shlex.quote(value)}\n")
+    return "".join(lines)

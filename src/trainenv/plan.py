@@ -1,24 +1,26 @@
-"""The launch plan: exactly what will run (argv, environment, working dir), computed purely.
+"""The launch plan: exactly what will run (argv, environment, working dir), resolved once.
 
 ``build_plan(env, settings, environ)`` turns a ``TrainingEnv`` and ``LaunchSettings`` into a
-``LaunchPlan``. It reads the code dir to check the entry point but writes nothing and starts
-nothing; ``trainenv train --dry-run`` prints it, and the supervisor runs it.
+``LaunchPlan``. Every derived value is decided here and nowhere else: the entry point, the
+processes per node, the master port, the compat names, the final argv (``trainenv.launchers``)
+and the child's environment. It reads the code dir to check the entry point but writes nothing
+and starts nothing. ``trainenv env`` and ``trainenv train --dry-run`` print the plan (the
+same values, redacted the same way: ``view``, ``describe``, ``shell``); the runner runs it.
 
-Entry points (``entry_point`` setting, else ``command``, else PAI's ``command.sh``, else
-SageMaker's ``SAGEMAKER_PROGRAM``):
+The entry point is the ``entry_point`` setting, else ``command``, else PAI's ``command.sh``,
+else SageMaker's ``SAGEMAKER_PROGRAM``. The child's environment is the inherited one, plus the
+snapshot's variables (``trainenv.exports``; ``TRAINENV_*`` always set, every other name only
+where the platform did not set it), ``TRAINENV_ENV_FILE``, ``PYTHONUNBUFFERED=1`` and
+``PYTHONPATH`` = the code dir before the inherited value (never the launcher's ``sys.path``).
 
-| entry point        | argv                                              |
-|--------------------|---------------------------------------------------|
-| ``train.py``       | ``<python> train.py <hyperparameter args>``        |
-| ``-m pkg.mod``     | ``<python> -m pkg.mod <hyperparameter args>``      |
-| ``run.sh``         | ``/bin/sh run.sh <hyperparameter args>``           |
-| ``tool``           | ``<code dir>/tool`` or ``tool`` on PATH, ``<args>`` |
-| command string     | ``/bin/sh -c <command>`` (no args appended)        |
-
-The child's environment is the inherited one, plus the snapshot's variables
-(``trainenv.exports``; ``TRAINENV_*`` always set, every other name only where the platform
-did not set it), ``TRAINENV_ENV_FILE``, ``PYTHONUNBUFFERED=1`` and ``PYTHONPATH`` = the code
-dir before the inherited value (never the launcher's ``sys.path``).
+Size: argv and environment together stay well under what ``exec`` accepts
+(``exports.kernel_arg_limit``). Once the inherited environment and a reserve for the
+launcher's own arguments are counted, the hyperparameter arguments get at most half of what is
+left and the exported names the rest (half of it under ``mpi``, whose ``-x NAME`` arguments
+repeat every name). A hyperparameter whose value is over the 32 KiB cap (or the largest ones,
+when all together would pass their half) is left out of argv, with a warning naming it; the
+entry point still finds it in ``training_env()`` (the snapshot file). A plan that would still
+not fit (an inherited environment near the limit) is a ``ConfigError``, never an ``exec`` error.
 """
 
 from __future__ import annotations
@@ -32,32 +34,31 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Mapping, Optional, Tuple
 
-from trainenv.environment import TrainingEnv
+    from trainenv.environment import TrainingEnv
+    from trainenv.settings import LaunchSettings
+
 from trainenv.errors import ConfigError, shown
-from trainenv.frozen import frozen
-from trainenv.redact import redact_text, redact_value, secret_values
-from trainenv.settings import LaunchSettings
+from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines
+from trainenv.frozen import frozen, plain
+from trainenv.launchers import EntryPoint, Launch, plan_launch
+from trainenv.redact import is_secret_name, known_secrets, redact_data
 
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
-SHELL = "/bin/sh"
-
-
-@frozen
-class EntryPoint:
-    kind: str  # "script", "module", "shell", "executable", "command"
-    target: str  # the path, module or command string
-    source: str  # where it was configured
+RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names added after export
+ENV_FILE_NAME = "TRAINENV_ENV_FILE"
 
 
 @frozen
 class LaunchPlan:
     """What the supervisor runs, and what it needs around the run."""
 
-    argv: Tuple[str, ...]
-    env: Mapping[str, str]
+    argv: Tuple[str, ...]  # the final argv, launcher included; () when no entry point is set
+    env: Mapping[str, str]  # the child's whole environment
     cwd: str
-    entry: EntryPoint
+    entry: Optional[EntryPoint]
     settings: LaunchSettings
+    nproc_per_node: int
+    master_port: int
     env_file: str
     snapshot_json: str
     install_python: str
@@ -68,34 +69,100 @@ class LaunchPlan:
     hostfile: Optional[str] = None
     hostfile_text: Optional[str] = None
     peers: Tuple[Tuple[str, int], ...] = ()
-    exported: Tuple[str, ...] = ()
+    exported: Tuple[str, ...] = ()  # the names trainenv sets in ``env``, in order
+    omitted_args: Tuple[str, ...] = ()  # hyperparameters left out of argv (too large)
     secrets: Tuple[str, ...] = ()
     _hidden = ("secrets",)
     _not_compared = ("exported", "secrets")
 
-    def describe(self) -> str:
-        """A readable, redacted view of the plan (``trainenv train --dry-run``)."""
+    @property
+    def warnings(self) -> Tuple[str, ...]:
+        """One line per hyperparameter left out of argv."""
+        return tuple(
+            f"hyperparameter {name!r} is left out of the arguments: its value is over {MAX_VAR_BYTES // 1024} KiB "
+            "or the arguments would not fit; the entry point finds it in training_env() (TRAINENV_ENV_FILE)"
+            for name in self.omitted_args
+        )
+
+    def environment(self) -> dict:
+        """``{name: value}`` of every name trainenv sets (the platform's value where it set one)."""
+        return {name: self.env.get(name, "") for name in self.exported}
+
+    def view(self, show_secrets: bool = False) -> dict:
+        """The plan as data (``trainenv env --format json``), redacted unless ``show_secrets``."""
+        settings = self.settings
+        data = {
+            "entry_point": None if self.entry is None else {"kind": self.entry.kind, "target": self.entry.target, "source": self.entry.source},
+            "distribution": settings.distribution,
+            "argv": list(self.argv),
+            "cwd": self.cwd,
+            "nproc_per_node": self.nproc_per_node,
+            "master_port": self.master_port,
+            "env_file": self.env_file,
+            "hostfile": self.hostfile,
+            "requirements": {"file": self.requirements_file, "extra": list(settings.requirements), "install": settings.install},
+            "grace_seconds": settings.grace_seconds,
+            "max_run_seconds": settings.max_run_seconds,
+            "dirs_to_create": list(self.dirs_to_create),
+            "omitted_args": list(self.omitted_args),
+            "settings": {
+                name: {"value": plain(getattr(settings, name)), "source": settings.sources.get(name, "default")}
+                for name in settings._fields
+                if name != "sources"
+            },
+            "environment": self.environment(),
+        }
+        return data if show_secrets else redact_data(data, self.secrets)
+
+    def describe(self, show_secrets: bool = False) -> str:
+        """The plan for a reader (``trainenv train --dry-run``): the same values as ``view``."""
+        data = self.view(show_secrets)
+        entry = data["entry_point"]
+        requirements = data["requirements"]
         lines = [
-            f"entry point   {self.entry.kind}: {self.entry.target}  ({self.entry.source})",
-            f"distribution  {self.settings.distribution}",
-            f"argv          {json.dumps(list(self.argv), ensure_ascii=False)}",
-            f"cwd           {self.cwd}",
-            f"env file      {self.env_file}",
-            f"requirements  {self.requirements_file or '(none)'}"
-            + (f" + {' '.join(self.settings.requirements)}" if self.settings.requirements else "")
-            + ("" if self.settings.install else " (install disabled)"),
-            f"grace         {self.settings.grace_seconds:g} s"
-            + (f", time limit {self.settings.max_run_seconds:g} s" if self.settings.max_run_seconds else ""),
+            f"entry point   {entry['kind']}: {entry['target']}  ({entry['source']})" if entry else "entry point   (none)",
+            f"distribution  {data['distribution']}, {data['nproc_per_node']} per node, master port {data['master_port']}",
+            f"argv          {json.dumps(data['argv'], ensure_ascii=False)}",
+            f"cwd           {data['cwd']}",
+            f"env file      {data['env_file']}",
+            f"requirements  {requirements['file'] or '(none)'}"
+            + (f" + {' '.join(requirements['extra'])}" if requirements["extra"] else "")
+            + ("" if requirements["install"] else " (install disabled)"),
+            f"grace         {data['grace_seconds']:g} s"
+            + (f", time limit {data['max_run_seconds']:g} s" if data["max_run_seconds"] else ""),
         ]
-        if self.hostfile:
-            lines.append(f"hostfile      {self.hostfile}")
+        if data["hostfile"]:
+            lines.append(f"hostfile      {data['hostfile']}")
+        lines += [f"warning: {line}" for line in self.warnings]
         lines.append("environment (set by trainenv):")
-        for name in self.exported:
-            lines.append(f"  {name}={redact_value(name, self.env.get(name, ''))}")
-        return redact_text("\n".join(lines), self.secrets)
+        true_values = self.environment()
+        for name, value in data["environment"].items():
+            if value == true_values[name]:
+                lines.append(f"  {name}={value}")
+            else:
+                lines.append(f"  # {name}: {_secret_kind(name)}, not shown (--show-secrets shows it)")
+        return "\n".join(lines)
+
+    def shell(self, show_secrets: bool = False) -> str:
+        """``export NAME='value'`` lines (``trainenv env --format shell``), safe to ``eval``.
+
+        A value that redacting would change is never printed as if it were the value: its name
+        is left out, with a comment line saying so.
+        """
+        return shell_lines(self.environment(), self.secrets, show_secrets)
 
 
-def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> EntryPoint:
+def _secret_kind(name: str) -> str:
+    return "secret" if is_secret_name(name) else "holds a secret"
+
+
+_NO_ENTRY = (
+    "no entry point: set TRAINENV_ENTRY_POINT (or --entry-point, or entry_point in trainenv.yaml), "
+    "TRAINENV_COMMAND, or write {command_file}"
+)
+
+
+def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> Optional[EntryPoint]:
     if settings.entry_point:
         return _classify(env, settings.entry_point.strip(), settings.sources.get("entry_point", "entry_point"), environ)
     if settings.command:
@@ -106,10 +173,7 @@ def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[
     program = environ.get("SAGEMAKER_PROGRAM") or env.framework_parameters.get("sagemaker_program")
     if program:
         return _classify(env, str(program), "SAGEMAKER_PROGRAM", environ)
-    raise ConfigError(
-        "no entry point: set TRAINENV_ENTRY_POINT (or --entry-point, or entry_point in trainenv.yaml), "
-        f"TRAINENV_COMMAND, or write {command_file}"
-    )
+    return None
 
 
 def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, str]) -> EntryPoint:
@@ -117,7 +181,7 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
         module = entry[2:].strip()
         if not _MODULE_NAME.match(module):
             raise ConfigError.at(source, None, f"{shown(entry)}: expected '-m package.module'")
-        return EntryPoint("module", module, source)
+        return EntryPoint("module", module, source, entry)
     path = Path(entry) if os.path.isabs(entry) else Path(env.code_dir) / entry
     if entry.endswith((".py", ".sh")) or os.sep in entry:
         if path.is_dir():
@@ -125,136 +189,124 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
         if not path.is_file():
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} does not exist")
         if entry.endswith(".py"):
-            return EntryPoint("script", str(path), source)
+            return EntryPoint("script", str(path), source, entry)
         if entry.endswith(".sh"):
-            return EntryPoint("shell", str(path), source)
+            return EntryPoint("shell", str(path), source, entry)
     if path.is_dir():
         raise ConfigError.at(source, None, f"{shown(entry)}: {path} is a directory, expected a file")
     if path.is_file():
         if not os.access(path, os.X_OK):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} is not executable (chmod +x it, or name a .py/.sh file)")
-        return EntryPoint("executable", str(path), source)
+        return EntryPoint("executable", str(path), source, entry)
     import shutil
 
     found = shutil.which(entry, path=environ.get("PATH", os.defpath))
     if found:
-        return EntryPoint("executable", found, source)
+        return EntryPoint("executable", found, source, entry)
     raise ConfigError.at(source, None, f"{shown(entry)}: not found in {env.code_dir} nor on PATH")
 
 
-def entry_argv(entry: EntryPoint, python: str, args: Tuple[str, ...]) -> Tuple[str, ...]:
-    """The argv of one process of the job."""
-    if entry.kind == "script":
-        return (python, entry.target, *args)
-    if entry.kind == "module":
-        return (python, "-m", entry.target, *args)
-    if entry.kind == "shell":
-        return (SHELL, entry.target, *args)
-    if entry.kind == "executable":
-        return (entry.target, *args)
-    return (SHELL, "-c", entry.target)
-
-
-KERNEL_ARG_LIMIT = 2 * 1024 * 1024
-RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names added after export
-
-
-def export_budget(args: Tuple[str, ...], environ: Mapping[str, str]) -> int:
-    """What is left for the exported names once argv and the inherited environment are counted."""
-    from trainenv.exports import entry_bytes
-
-    used = sum(len(a.encode("utf-8", "surrogateescape")) + 9 for a in args)
-    used += sum(entry_bytes(k, v) for k, v in environ.items())
-    return max(64 * 1024, KERNEL_ARG_LIMIT - RESERVED_BYTES - used)
-
-
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
-    """Where this launch keeps its own files: container-local, never an output channel."""
-    # $TMPDIR as tempfile.gettempdir() reads it, without importing tempfile (and random) at start-up.
-    temporary = environ.get("TMPDIR") or "/tmp"
-    base = environ.get("TRAINENV_RUN_DIR") or os.path.join(temporary, f"trainenv-{os.getuid()}")
-    return os.path.join(base, f"{env.job_name}-{env.current_host}".replace(os.sep, "_"))
+    """Where this launch keeps its own files (``Layout.run_dir``): never an output channel."""
+    from trainenv.layout import Layout
+
+    return str(Layout(Path(env.base_dir), env.local_mode).run_dir(env.job_name, env.current_host, environ))
 
 
-def child_environment(
+def child_environ(
     environ: Mapping[str, str], exported: Mapping[str, str], code_dir: str, extra: Mapping[str, str]
 ) -> dict:
-    """Inherited env + exported names (platform values kept) + Python hygiene."""
+    """What the child gets: inherited env + exported names (platform values kept) + Python hygiene."""
     child = dict(environ)
-    for name, value in exported.items():
-        if name.startswith("TRAINENV_") or name not in child:
-            child[name] = value
-    for name, value in extra.items():
-        if name.startswith("TRAINENV_") or name not in child:
-            child[name] = value
+    for names in (exported, extra):
+        for name, value in names.items():
+            if name.startswith("TRAINENV_") or name not in child:
+                child[name] = value
     inherited = environ.get("PYTHONPATH", "")
     child["PYTHONPATH"] = code_dir + (os.pathsep + inherited if inherited else "")
     child["PYTHONUNBUFFERED"] = "1"
     return child
 
 
-def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> LaunchPlan:
-    """Everything ``trainenv train`` will do, as data."""
+def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str], require_entry: bool = True) -> LaunchPlan:
+    """Everything ``trainenv train`` will do, as data.
+
+    Without an entry point this is a ``ConfigError``, unless ``require_entry`` is false (what
+    ``trainenv env`` shows before the code is there): then ``argv`` is empty.
+    """
     entry = _resolve_entry(env, settings, environ)
+    if entry is None and require_entry:
+        raise ConfigError(_NO_ENTRY.format(command_file=Path(env.config_dir) / "execution" / "command.sh"))
     python = settings.interpreter
-    args = tuple(env.user_args) if entry.kind != "command" else ()
     nproc = settings.nproc_per_node or env.platform_nproc_per_node or env.num_gpus or 1
+    port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
+    limit = kernel_arg_limit()
+    room = max(0, limit - RESERVED_BYTES - environ_bytes(environ))
+    args, omitted_args, args_size = (), (), 0
+    if entry is not None and entry.kind != "command":
+        args, omitted_args, args_size = cap_args(env.user_args, room // 2)
     exported = env.to_env_vars(
         settings.compat,
         nproc_per_node=nproc,
-        master_port=settings.master_port,
-        entry_point=settings.entry_point,
-        total_budget=export_budget(args, environ),
+        master_port=port,
+        entry_point=entry.given if entry is not None else None,
+        training_job_name=environ.get("TRAINING_JOB_NAME"),
+        total_budget=(room - args_size) // (2 if settings.distribution == "mpi" else 1),
     )
     directory = run_dir(env, environ)
     env_file = os.path.join(directory, "env.json")
-    extra = {"TRAINENV_ENV_FILE": env_file}
-    hostfile = hostfile_text = None
-    peers: Tuple[Tuple[str, int], ...] = ()
-    if env.num_nodes > 1 and settings.distribution == "none" and env.node_rank is not None:
-        # One process per node: the process-level names equal the node-level ones.
-        extra.update(
-            RANK=str(env.node_rank),
-            WORLD_SIZE=str(env.num_nodes),
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
-    argv = entry_argv(entry, python, args)
-    if settings.distribution != "none":
-        from trainenv import distributed
-
-        launch = distributed.plan_launch(env, settings, entry, python, args, nproc, directory, environ)
-        argv, hostfile, hostfile_text, peers = launch.argv, launch.hostfile, launch.hostfile_text, launch.peers
-        extra.update(launch.env)
-    child_env = child_environment(environ, exported, env.code_dir, extra)
+    names = (*exported, ENV_FILE_NAME, "PYTHONPATH", "PYTHONUNBUFFERED")
+    launch = Launch(argv=())
+    if entry is not None:
+        launch = plan_launch(env, settings, entry, python, args, nproc, port, directory, environ, names)
+    extra = {ENV_FILE_NAME: env_file, **launch.env}
     rank = "?" if env.node_rank is None else env.node_rank
-    prefix = f"[{env.current_host}:{rank}] " if settings.log_prefix else None
     requirements = Path(env.code_dir) / "requirements.txt"
+    dirs = list(env.output_dirs.values())
+    if "SM_OUTPUT_DATA_DIR" in exported:  # SageMaker scripts write there without creating it
+        dirs.append(exported["SM_OUTPUT_DATA_DIR"])
+    child = child_environ(environ, exported, env.code_dir, extra)
+    size = environ_bytes(child) + sum(arg_bytes(arg) for arg in launch.argv)
+    if size > limit:
+        raise ConfigError(
+            f"the job's arguments and environment take {size} bytes, over the {limit} bytes exec accepts here; "
+            f"the inherited environment alone takes {environ_bytes(environ)}: unset large variables or raise the stack limit (ulimit -s)"
+        )
     return LaunchPlan(
-        argv=tuple(argv),
-        env=child_env,
+        argv=tuple(launch.argv),
+        env=child,
         cwd=env.code_dir,
         entry=entry,
         settings=settings,
+        nproc_per_node=nproc,
+        master_port=port,
         env_file=env_file,
         snapshot_json=env.to_json(),
         install_python=python,
         requirements_file=str(requirements) if requirements.is_file() else None,
-        dirs_to_create=tuple(env.output_dirs.values()),
+        dirs_to_create=tuple(dict.fromkeys(dirs)),
         failure_file=env.failure_file,
-        log_prefix=prefix,
-        hostfile=hostfile,
-        hostfile_text=hostfile_text,
-        peers=peers,
-        exported=tuple(sorted(set(exported) | set(extra) | {"PYTHONPATH", "PYTHONUNBUFFERED"})),
-        secrets=plan_secrets(env, environ),
+        log_prefix=f"[{env.current_host}:{rank}] " if settings.log_prefix else None,
+        hostfile=launch.hostfile,
+        hostfile_text=launch.hostfile_text,
+        peers=launch.peers,
+        exported=tuple(dict.fromkeys((*exported, *extra, "PYTHONPATH", "PYTHONUNBUFFERED"))),
+        omitted_args=omitted_args,
+        secrets=tuple(known_secrets(environ, env.hyperparameters)),
     )
 
 
-def plan_secrets(env: TrainingEnv, environ: Mapping[str, str]) -> Tuple[str, ...]:
-    """Values to scrub from anything printed: secret-named variables and hyperparameters."""
-    from trainenv.redact import nested_secrets
+def read_plan(flags: Mapping[str, object], environ: Mapping[str, str]) -> Tuple[TrainingEnv, LaunchPlan]:
+    """The snapshot and the plan ``trainenv env`` prints; reads files, writes nothing.
 
-    named = dict(environ)
-    named.update({f"secret:{path}": text for path, text in nested_secrets(env.hyperparameters).items()})
-    return tuple(secret_values(named))
+    Inside a launched job the snapshot is the launcher's (``TRAINENV_ENV_FILE``).
+    """
+    from trainenv import config
+    from trainenv.environment import training_env
+    from trainenv.layout import Layout
+    from trainenv.settings import resolve_settings
+
+    file_settings, settings_path = config.read_file_settings(Layout.resolve(environ).settings_files)
+    settings = resolve_settings(flags, environ, file_settings, settings_path or "trainenv.yaml")
+    env = training_env(environ)
+    return env, build_plan(env, settings, environ, require_entry=False)

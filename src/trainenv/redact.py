@@ -1,8 +1,19 @@
-"""What counts as a secret, and hiding it (CONTRACT §8).
+"""What counts as a secret, and hiding it: one rule for everything trainenv prints or writes.
 
-A name is secret when it contains ``token``, ``secret``, ``password``, ``passwd``, ``key``,
-``credential`` or ``auth`` in any case. Its value is shown as ``***``. Independently, the
-``user:password@`` part of any URL is replaced by ``***@`` wherever it appears in text.
+A name is **secret** when it contains ``secret``, ``password`` or ``passwd``, or when its last
+word is ``token``, ``key``, ``apikey``, ``pwd``, ``credential``, ``credentials``, ``auth`` or
+``passphrase`` (any case). Words are split at ``_``, ``-``, ``.`` and where a lower-case letter
+meets an upper-case one: ``HF_TOKEN``, ``wandbApiKey`` and ``db_password`` are secret;
+``tokenizer``, ``max_tokens``, ``key_dim``, ``monkey_patch`` and ``author`` are not.
+
+Two ways to hide, used by ``trainenv env``, ``train --dry-run``, the log and the failure file:
+
+- ``redact_data`` for structured data (a snapshot, a plan): the value of a secret name becomes
+  ``***``, at any depth; every other string goes through ``redact_text``.
+- ``redact_text`` for free text (a log line, an error message, a stderr tail): each known secret
+  value (``secret_values``) is replaced by ``***`` in every form serializing may have given it
+  (as is, inside JSON, shell-quoted, inside a Python ``repr``), and so is the ``user:password@``
+  part of any URL.
 """
 
 from __future__ import annotations
@@ -12,16 +23,29 @@ import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable
+    from typing import Any, Iterable, Iterator
 
 MASK = "***"
-_SECRET_NAME = re.compile(r"token|secret|password|passwd|key|credential|auth", re.IGNORECASE)
+_ALWAYS_SECRET = re.compile(r"secret|password|passwd", re.IGNORECASE)
+_SECRET_LAST_WORDS = frozenset({"token", "key", "apikey", "pwd", "credential", "credentials", "auth", "passphrase"})
+_WORD_BREAK = re.compile(r"[_\-.]+|(?<=[a-z])(?=[A-Z])")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
-_MIN_SECRET_LEN = 4
+_MIN_SECRET_LEN = 4  # shorter values are masked by name only, never scrubbed from free text
+# The shell's working-directory variables end in "pwd" but hold a path, and scrubbing that path
+# from every log line would hide where the job runs.
+_SHELL_PATHS = frozenset({"PWD", "OLDPWD"})
+_ELLIPSIS = "..."  # how errors.shown() marks a value it cut short
+_MIN_CUT_PREFIX = 8  # a cut-short secret is scrubbed when at least this much of it shows
 
 
 def is_secret_name(name: str) -> bool:
-    return _SECRET_NAME.search(name) is not None
+    """Whether the value of ``name`` is a secret (see the module docstring)."""
+    if name in _SHELL_PATHS:
+        return False
+    if _ALWAYS_SECRET.search(name):
+        return True
+    words = [word for word in _WORD_BREAK.split(name) if word]
+    return bool(words) and words[-1].lower() in _SECRET_LAST_WORDS
 
 
 def redact_urls(text: str) -> str:
@@ -31,32 +55,33 @@ def redact_urls(text: str) -> str:
     return _URL_USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", text)
 
 
-def redact_value(name: str, value: str) -> str:
-    return MASK if is_secret_name(name) and value != "" else redact_urls(value)
-
-
-def redact_mapping(values: Mapping[str, str]) -> dict:
-    return {k: redact_value(k, v) for k, v in values.items()}
-
-
-def secret_values(values: Mapping[str, str]) -> list:
-    """The values of secret-looking names, longest first (for scrubbing free text).
-
-    Each value also comes in the forms it takes inside JSON and shell-quoted text, so a
-    secret with quotes or backslashes is found wherever trainenv serialized it.
-    """
+def _forms(value: str) -> Iterator[str]:
+    """``value`` as it appears once serialized: as is, in JSON, shell-quoted, in a Python repr."""
     import json
     import shlex
 
+    yield value
+    yield json.dumps(value)[1:-1]
+    yield json.dumps(value, ensure_ascii=False)[1:-1]
+    yield shlex.quote(value)
+    for python in (repr, ascii):
+        # Inside '...' (with \' escaped; adding both quotes forces that choice) and inside "...".
+        quoted = python(value + "'\"")[1:-4]
+        yield quoted
+        yield quoted.replace("\\'", "'")
+
+
+def secret_values(values: Mapping[str, str]) -> list:
+    """The values of secret names, in each serialized form, longest first (for ``redact_text``)."""
     found = set()
     for name, value in values.items():
         if is_secret_name(name) and len(value) >= _MIN_SECRET_LEN:
-            found.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1], shlex.quote(value)})
+            found.update(_forms(value))
     return sorted(found, key=len, reverse=True)
 
 
 def nested_secrets(value: object, name: str = "", found: dict = None) -> dict:
-    """``{path: text}`` for every value under a secret-looking key, at any depth of JSON data."""
+    """``{path: text}`` for every value under a secret name, at any depth of JSON data."""
     import json
 
     found = {} if found is None else found
@@ -66,14 +91,73 @@ def nested_secrets(value: object, name: str = "", found: dict = None) -> dict:
     elif isinstance(value, (list, tuple)):
         for index, inner in enumerate(value):
             nested_secrets(inner, f"{name}[{index}]", found)
-    elif is_secret_name(name.rsplit(".", 1)[-1].split("[", 1)[0]) and value not in (None, ""):
+    elif value not in (None, "") and _under_secret_name(name):
         found[name] = value if isinstance(value, str) else json.dumps(value)
     return found
 
 
+def _under_secret_name(path: str) -> bool:
+    """Whether any key along ``path`` (``a.b[0].c``) is a secret name: all below it is secret."""
+    return any(is_secret_name(key) for key in re.split(r"\.|\[\d+\]", path) if key)
+
+
+def known_secrets(environ: Mapping[str, str], data: object = None) -> list:
+    """``secret_values`` of the secret names of ``environ`` and of ``data`` (e.g. hyperparameters)."""
+    named = dict(environ)
+    if data is not None:
+        named.update({f"secret:{path}": text for path, text in nested_secrets(data).items()})
+    return secret_values(named)
+
+
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """Scrub free text (a log line, a stderr tail): known secret values and URL credentials."""
+    """Scrub free text (a log line, a stderr tail): known secret values and URL credentials.
+
+    A secret cut short in an error message (``'hf_abcdefgh...``, as ``errors.shown`` cuts long
+    values) is scrubbed too, when at least its first eight characters show.
+    """
     for secret in secrets:
         if secret in text:
             text = text.replace(secret, MASK)
+        if _ELLIPSIS in text and len(secret) > _MIN_CUT_PREFIX and secret[:_MIN_CUT_PREFIX] in text:
+            text = _scrub_cut_short(text, secret)
     return redact_urls(text)
+
+
+def _scrub_cut_short(text: str, secret: str) -> str:
+    """Mask each run of ``secret``'s leading characters that ends in the cut marker."""
+    head = secret[:_MIN_CUT_PREFIX]
+    start = text.find(head)
+    while start >= 0:
+        end = start + _MIN_CUT_PREFIX
+        while end < len(text) and end - start < len(secret) and text[end] == secret[end - start]:
+            end += 1
+        if text.startswith(_ELLIPSIS, end):
+            text = text[:start] + MASK + text[end:]
+            end = start + len(MASK)
+        start = text.find(head, end)
+    return text
+
+
+def redact_data(value: Any, secrets: Iterable[str] = (), name: str = "") -> Any:
+    """A copy of JSON-like data with secret-named values masked and every string scrubbed.
+
+    Everything below a secret name is masked too (``{"credentials": {"user": ..., "pass": ...}}``).
+    """
+    if name and is_secret_name(name) and value not in (None, ""):
+        return _masked(value)
+    if isinstance(value, Mapping):
+        return {k: redact_data(v, secrets, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_data(v, secrets, name) for v in value]
+    if isinstance(value, str):
+        return redact_text(value, secrets)
+    return value
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with every leaf masked, keeping the shape (so a reader sees what was there)."""
+    if isinstance(value, Mapping):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_masked(v) for v in value]
+    return MASK if value not in (None, "") else value
