@@ -398,3 +398,67 @@ def test_failed_install_exits_69_before_the_entry_point(tmp_path):
     assert text.startswith("InstallError: requirements install failed")
     assert "no-such-package" in text
     assert not (base / "usercode" / "ran").exists()
+
+
+def test_a_failure_file_of_an_earlier_run_is_removed_when_a_run_starts(tmp_path):
+    base = make_tree(tmp_path, {"train.py": "import sys\nsys.exit(4)\n"})
+    assert run_train(base, TRAINENV_ENTRY_POINT="train.py").returncode == 4
+    assert failure(base).startswith("UserError:")
+    (base / "usercode" / "train.py").write_text("print('fine')\n")
+    assert run_train(base, TRAINENV_ENTRY_POINT="train.py").returncode == 0
+    assert not (base / "output" / "failure").exists()  # the stale report is gone after a success
+    own = "import os\nopen(os.path.join(os.environ['TRAINENV_OUTPUT_DIR'], 'failure'), 'w').write('Mine: noted')\n"
+    (base / "usercode" / "train.py").write_text(own)
+    assert run_train(base, TRAINENV_ENTRY_POINT="train.py").returncode == 0
+    assert failure(base) == "Mine: noted"  # written by the job during this run: kept
+
+
+def test_a_failing_dry_run_and_env_write_nothing(tmp_path, tree_state):
+    base = make_tree(tmp_path / "job", {"train.py": ""})
+    (base / "output").mkdir()
+    (base / "output" / "failure").write_text("Old: report\n")
+    (base / "input" / "config" / "hyperparameters.json").write_text("{not json")
+    before = tree_state(tmp_path)
+    for command in (["train", "--dry-run"], ["env"]):
+        done = subprocess.run([TRAINENV, *command], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
+                              capture_output=True, timeout=60)
+        assert done.returncode == 78, (command, done.stderr)
+        assert "ConfigError:" in done.stderr.decode() and "hyperparameters.json" in done.stderr.decode()
+    assert tree_state(tmp_path) == before  # no failure file, no dirs, no run dir
+
+
+def test_an_output_dir_that_cannot_be_created_is_a_config_error_naming_it(tmp_path):
+    base = make_tree(tmp_path, {"train.py": "open('ran', 'w')\n"})
+    (base / "output").mkdir()
+    (base / "output" / "model").write_text("a file where the model dir should be")
+    done = run_train(base, TRAINENV_ENTRY_POINT="train.py")
+    assert done.returncode == 78, done.stderr.decode()
+    first = failure(base).splitlines()[0]
+    assert first.startswith("ConfigError: cannot create ") and str(base / "output" / "model") in first
+    assert not (base / "usercode" / "ran").exists()
+    run_dir = tmp_path / "blocked-run"
+    run_dir.write_text("a file where the run dir's parent should be")
+    (base / "output" / "model").unlink()
+    done = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_RUN_DIR=str(run_dir))
+    assert done.returncode == 78, done.stderr.decode()
+    assert failure(base).startswith(f"ConfigError: cannot create {run_dir}")
+
+
+def test_read_only_output_is_a_config_error_with_the_reason_on_stderr(tmp_path):
+    base = make_tree(tmp_path, {"train.py": "open('ran', 'w')\n"})
+    output = base / "output"
+    output.mkdir()
+    # A read-only bind mount: read-only even for root, as a platform's read-only volume is.
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(output), "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr.decode().strip()}")
+    done = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(output), TRAINENV, "train"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"), capture_output=True, timeout=60,
+    )
+    assert done.returncode == 78, done.stderr.decode()
+    stderr = done.stderr.decode()
+    assert f"ConfigError: cannot create {output / 'model'}: Read-only file system" in stderr
+    assert "cannot write the failure file" in stderr and "Traceback" not in stderr
+    assert not (base / "usercode" / "ran").exists() and not (output / "failure").exists()

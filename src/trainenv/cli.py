@@ -4,7 +4,7 @@ Usage::
 
     trainenv train                      # the image ENTRYPOINT: run the job under /ml
     trainenv train --dry-run            # print the launch plan, run nothing
-    trainenv env --format shell         # the snapshot as `export K='v'` lines (secrets redacted)
+    trainenv env --format shell         # the plan's variables as `export K='v'` lines (no secrets)
     trainenv local --source-dir examples/quickstart --entry-point train.py \\
         --input train=examples/quickstart/data --hp epochs=20
     trainenv serve                      # the serving ENTRYPOINT
@@ -24,33 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Optional, Sequence
 
 
-def _redacted(value: Any, secrets: Sequence[str], name: str = "") -> Any:
-    """A copy with secret-named values masked and known secret values scrubbed from strings."""
-    from trainenv.redact import MASK, is_secret_name, redact_text
-
-    if isinstance(value, dict):
-        return {k: _redacted(v, secrets, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redacted(v, secrets, name) for v in value]
-    if name and is_secret_name(name) and value not in (None, ""):
-        return MASK
-    if isinstance(value, str):
-        return redact_text(value, secrets)
-    return value
-
-
-def _shell_lines(variables: dict, secrets: Sequence[str]) -> str:
-    """``export NAME='value'`` lines; values redacted before quoting, so every line stays valid."""
-    import shlex
-
-    from trainenv.redact import redact_text, redact_value
-
-    return "".join(
-        f"export {name}={shlex.quote(redact_text(redact_value(name, value), secrets))}\n"
-        for name, value in variables.items()
-    )
-
-
 def build_cli() -> Any:
     import click
 
@@ -60,6 +33,8 @@ def build_cli() -> Any:
 
     def setting_options(function: Any) -> Any:
         for setting in reversed(SETTINGS):
+            if not setting.flag:
+                continue  # a variable-only setting
             help_text = f"{setting.help} [env: {setting.variable}]"
             if "/" in setting.flag:
                 option = click.option(setting.flag, setting.name, default=None, help=help_text)
@@ -75,10 +50,15 @@ def build_cli() -> Any:
     def cli() -> None:
         """trainenv: run and serve ML jobs inside a container (PAI /ml layout)."""
 
+    show_secrets_option = click.option(
+        "--show-secrets", is_flag=True, help="Print the values of secrets too (by default they are left out or shown as ***)."
+    )
+
     @cli.command()
-    @click.option("--dry-run", is_flag=True, help="Print the launch plan (redacted) and run nothing.")
+    @click.option("--dry-run", is_flag=True, help="Print the launch plan (secrets redacted) and run nothing.")
+    @show_secrets_option
     @setting_options
-    def train(dry_run: bool, **flags: Any) -> None:
+    def train(dry_run: bool, show_secrets: bool, **flags: Any) -> None:
         """Install requirements, then run the job's entry point under supervision.
 
         Settings come from these options, then TRAINENV_* variables, then
@@ -86,66 +66,80 @@ def build_cli() -> Any:
         """
         from trainenv.runner import run_training
 
-        sys.exit(run_training(flags, dry_run=dry_run))
+        sys.exit(run_training(dict(flags, show_secrets=show_secrets), dry_run=dry_run))
 
     @cli.command("env")
     @click.option("--format", "fmt", type=click.Choice(["json", "yaml", "shell"]), default="json", show_default=True)
     @click.option("--serving", is_flag=True, help="Show the serving snapshot (ServingEnv) instead.")
-    def env_command(fmt: str, serving: bool) -> None:
-        """Print the job's snapshot; secret-looking values are redacted."""
-        from trainenv.environment import serving_env, training_env
-        from trainenv.redact import redact_text, secret_values
+    @show_secrets_option
+    @setting_options
+    def env_command(fmt: str, serving: bool, show_secrets: bool, **flags: Any) -> None:
+        """Print the job's snapshot and launch plan; creates, changes and removes nothing.
 
+        json and yaml: the snapshot, and under "launch" the plan `train --dry-run` prints (argv,
+        the variables trainenv sets, each setting with where it came from). shell: those
+        variables as `export NAME='value'` lines. Takes the same options as `train`. Secret
+        values are shown as *** (json, yaml) or left out with a comment line (shell).
+        """
+        from trainenv.exports import shell_lines
+        from trainenv.redact import redact_data, redact_text, secret_values
+
+        secrets = secret_values(os.environ)
         try:
-            snapshot = serving_env() if serving else training_env()
             if serving:
-                secrets = secret_values(os.environ)
+                from trainenv.environment import serving_env
+                from trainenv.settings.serving import serving_variables
+
+                snapshot = serving_env()
+                variables = serving_variables(snapshot) if fmt == "shell" else None
+                data = snapshot.to_dict()
             else:
-                from trainenv.plan import plan_secrets
+                from trainenv.plan import read_plan
 
-                secrets = plan_secrets(snapshot, os.environ)
-            if fmt == "shell":
-                from trainenv.exports import env_value, normalize, parse_compat
+                snapshot, plan = read_plan(flags, os.environ)
+                secrets = list(plan.secrets)
+                variables = plan.environment() if fmt == "shell" else None
+                data = dict(snapshot.to_dict(), launch=plan.view(show_secrets=True))
+            if variables is not None:
+                text = shell_lines(variables, secrets, show_secrets)
+            else:
+                data = data if show_secrets else redact_data(data, secrets)
+                if fmt == "yaml":
+                    import yaml
 
-                if serving:
-                    variables = {f"TRAINENV_SERVING_{normalize(k)}": env_value(v) for k, v in snapshot.to_dict().items()}
+                    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
                 else:
-                    variables = snapshot.to_env_vars(parse_compat(os.environ.get("TRAINENV_COMPAT", "pai")))
-                text = _shell_lines(variables, secrets)
-            elif fmt == "yaml":
-                import yaml
+                    import json
 
-                text = yaml.safe_dump(_redacted(snapshot.to_dict(), secrets), sort_keys=False, allow_unicode=True)
-            else:
-                import json
-
-                text = json.dumps(_redacted(snapshot.to_dict(), secrets), indent=2, ensure_ascii=False) + "\n"
+                    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
         except ConfigError as exc:
-            click.echo(f"trainenv: ConfigError: {exc}", err=True)
+            click.echo(f"trainenv: ConfigError: {redact_text(str(exc), secrets)}", err=True)
             sys.exit(exc.exit_code)
         click.echo(text, nl=False)
 
     @cli.command()
-    @click.option("--source-dir", type=click.Path(file_okay=False), help="Directory with the job's code (linked as usercode/).")
-    @click.option("--entry-point", help="Entry point inside the source dir: train.py, '-m pkg.mod', run.sh, or an executable.")
-    @click.option("--command", help="A shell command instead of an entry point.")
+    @click.option("--source-dir", type=click.Path(file_okay=False), help="Directory with the job's code (copied to usercode/; never written to).")
     @click.option("--input", "inputs", multiple=True, metavar="CHANNEL=PATH", help="An input channel (linked, not copied); repeatable.")
     @click.option("--hp", "hps", multiple=True, metavar="NAME=VALUE", help="A hyperparameter; repeatable.")
     @click.option("--hps-file", type=click.Path(dir_okay=False), help="A JSON file of hyperparameters (--hp wins).")
-    @click.option("--requirements", help="Extra requirement specifiers to install (space separated).")
-    @click.option("--job-dir", type=click.Path(file_okay=False), default="trainenv-job", show_default=True, help="Where the job tree is laid out.")
+    @click.option("--job-dir", type=click.Path(file_okay=False),
+                  help="A new or empty dir to lay the job out in [default: a fresh ./trainenv-jobs/<UTC time>-<pid>].")
     @click.option("--dry-run", is_flag=True, help="Lay out the job tree, print the launch plan, run nothing.")
-    def local(source_dir: Optional[str], entry_point: Optional[str], command: Optional[str], inputs: Sequence[str],
-              hps: Sequence[str], hps_file: Optional[str], requirements: Optional[str], job_dir: str, dry_run: bool) -> None:
-        """Run a job on this machine, no container needed, with the same launch sequence."""
+    @setting_options
+    def local(source_dir: Optional[str], inputs: Sequence[str], hps: Sequence[str], hps_file: Optional[str],
+              job_dir: Optional[str], dry_run: bool, **flags: Any) -> None:
+        """Run a job on this machine, no container needed, with the same launch sequence.
+
+        Each run gets a job dir of its own (its path is printed): two runs never share a file.
+        Every option of `trainenv train` works here too.
+        """
         from pathlib import Path
 
-        from trainenv.local import hyperparameters_from, lay_out_job, parse_pairs
-        from trainenv.runner import run_training
+        from trainenv.local.job import hyperparameters_from, lay_out_job, parse_pairs, run_job
 
         try:
             layout = lay_out_job(
-                Path(job_dir),
+                Path(job_dir) if job_dir else None,
                 Path(source_dir) if source_dir else None,
                 parse_pairs(inputs, "CHANNEL", "--input"),
                 hyperparameters_from(hps_file, parse_pairs(hps, "NAME", "--hp")),
@@ -153,26 +147,36 @@ def build_cli() -> Any:
         except ConfigError as exc:
             click.echo(f"trainenv: ConfigError: {exc}", err=True)
             sys.exit(exc.exit_code)
-        environ = dict(os.environ, TRAINENV_BASE_DIR=str(layout.base_dir))
-        flags = {"entry_point": entry_point, "command": command, "requirements": requirements}
-        status = run_training(flags, environ, dry_run=dry_run)
-        if not dry_run:
-            click.echo(f"trainenv: model dir:  {layout.model_dir}", err=True)
-            click.echo(f"trainenv: output dir: {layout.output_dir}", err=True)
-        sys.exit(status)
+        sys.exit(run_job(layout, flags, dry_run, say=lambda line: click.echo(f"trainenv: {line}", err=True)))
+
+    def serving_options(function: Any) -> Any:
+        from trainenv.settings.serving import SERVING
+
+        for setting in reversed([s for s in SERVING if s.flag]):
+            names = " then ".join((setting.variable, *setting.fallbacks))
+            default = "" if setting.default is None else f" Default: {setting.default}."
+            help_text = f"{setting.help}{default} [env: {names}]"
+            kind = click.Choice(setting.choices, case_sensitive=False) if setting.choices else None
+            metavar = None if setting.choices else setting.metavar
+            function = click.option(setting.flag, setting.name, type=kind, default=None, metavar=metavar, help=help_text)(function)
+        return function
 
     @cli.command()
-    def serve() -> None:
-        """Load the handler module and serve the model over HTTP (CONTRACT §6)."""
-        from trainenv.environment import serving_env
-        from trainenv.serving import run_server
+    @serving_options
+    def serve(**flags: Any) -> None:
+        """Load the handler module and serve the model over HTTP.
 
-        try:
-            env = serving_env()
-        except ConfigError as exc:
-            click.echo(f"trainenv: ConfigError: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        sys.exit(run_server(env))
+        The handler is inference.py in <model dir>/code, else in the code dir (or
+        TRAINENV_SERVING_MODULE), with SageMaker's hooks: model_fn(model_dir),
+        input_fn(body, content_type), predict_fn(data, model), output_fn(prediction, accept),
+        or transform_fn. Routes: GET /ping (200 once the model is loaded), POST /invocations,
+        the KServe v2 routes under /v2, and Vertex AI's AIP_HEALTH_ROUTE / AIP_PREDICT_ROUTE.
+        Each option overrides its variable; `trainenv env --serving` prints every setting.
+        SIGTERM lets requests in flight finish, then exits 0; a bad setting exits 78.
+        """
+        from trainenv.serving.startup import main as serve_main
+
+        sys.exit(serve_main(flags))
 
     return cli
 

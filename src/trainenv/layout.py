@@ -1,9 +1,11 @@
-"""Where everything lives: the base dir, local mode and every path of CONTRACT §1.
+"""Where everything lives: the base dir, local mode, every path of the job's tree and of
+trainenv's own files (run dir, snapshot file, hostfile, local job dirs).
 
 The base dir is ``$TRAINENV_BASE_DIR``, default ``/ml``. When it is unset and ``/ml`` does not exist,
 trainenv is in **local mode**: the same paths, rooted at ``$TRAINENV_LOCAL_DIR`` (default
 ``./trainenv-job`` in the current directory). Resolving a layout only looks at the
-environment and checks that one directory exists; it never creates anything.
+environment and checks that one directory exists; it never creates anything (only
+``new_local_job_dir``, called by ``trainenv local``, creates a dir).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from trainenv.frozen import frozen
 
 DEFAULT_BASE_DIR = "/ml"
 DEFAULT_LOCAL_DIR = "trainenv-job"
+LOCAL_JOBS_DIR = "trainenv-jobs"  # trainenv local: one fresh job dir per run below it
 STANDARD_OUTPUT_CHANNELS = ("model", "checkpoints", "tensorboard")
 
 
@@ -107,7 +110,52 @@ class Layout:
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
 
+    # -- trainenv's own files ------------------------------------------------------------
+
     @property
-    def state_dir(self) -> Path:
-        """trainenv's own files for this job: the snapshot, the install marker, hostfiles."""
-        return self.base_dir / ".trainenv"
+    def local_run_parent(self) -> Path:
+        """Where ``trainenv local`` keeps the run dir of the job laid out in this base dir."""
+        return self.base_dir / "run"
+
+    def run_dir(self, job_name: str, host: str, environ: Mapping[str, str] = os.environ) -> Path:
+        """Where one launch keeps its own files (snapshot, hostfile): never in an output channel.
+
+        ``$TRAINENV_RUN_DIR`` (default ``$TMPDIR/trainenv-<uid>``, container-local) /
+        ``<job>-<host>``; in local mode the name also carries a checksum of the base dir, so
+        two local jobs in different dirs never share one.
+        """
+        # $TMPDIR as tempfile.gettempdir() reads it, without importing tempfile (and random) at start-up.
+        temporary = environ.get("TMPDIR") or "/tmp"
+        parent = environ.get("TRAINENV_RUN_DIR") or os.path.join(temporary, f"trainenv-{os.getuid()}")
+        name = f"{job_name}-{host}"
+        if self.local_mode:
+            from binascii import crc32
+
+            name += f"-{crc32(os.fsencode(self.base_dir)):08x}"
+        return Path(parent) / name.replace(os.sep, "_")
+
+
+def snapshot_file(run_dir: Path) -> Path:
+    """The full snapshot as JSON (``TRAINENV_ENV_FILE``), readable by the job's user only."""
+    return run_dir / "env.json"
+
+
+def hostfile(run_dir: Path) -> Path:
+    """The MPI hostfile node 0 writes for ``mpirun``."""
+    return run_dir / "hostfile"
+
+
+def new_local_job_dir(parent: Path) -> Path:
+    """Create and return a fresh job dir for one local run: ``<parent>/<UTC time>-<pid>``."""
+    import time
+
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = parent / (f"{stamp}-{os.getpid()}" + (f"-{attempt}" if attempt > 1 else ""))
+        try:
+            path.mkdir()  # exclusive: a dir another run made is never taken
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free job dir name under {parent}")

@@ -1,4 +1,4 @@
-"""How a job ended: exit status, category, reason, and the failure file (CONTRACT §5).
+"""How a job ended: exit status, category, reason, and the failure file.
 
 | how it ended                              | category        | exit status            |
 |-------------------------------------------|-----------------|------------------------|
@@ -13,8 +13,8 @@
 
 ``output/failure`` starts with ``<Category>: <reason>``, then the last exception line of the
 entry point's stderr, then the tail of that stderr from its last traceback; the first 1024
-characters always say what went wrong, and secrets are redacted. A failure file written by
-the user's code during the run is kept as it is.
+characters always say what went wrong, and secrets are redacted. A run starts by removing the
+failure file of an earlier run; one the user's code writes during the run is kept as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable, Optional, Tuple
 
 from trainenv.errors import EXIT_TIMEOUT
+from trainenv.files import write_atomic
 from trainenv.frozen import frozen
 from trainenv.redact import redact_text
 
@@ -120,37 +121,24 @@ def failure_text(outcome: Outcome, secrets: Iterable[str] = ()) -> str:
     return redact_text(text, secrets)
 
 
-@frozen
-class FileState:
-    """Identity of a file at a moment, to tell a file written during the run from an old one."""
-
-    exists: bool
-    inode: int = 0
-    mtime_ns: int = 0
-    size: int = 0
-
-
-def file_state(path: str) -> FileState:
+def remove_failure_file(path: str) -> None:
+    """Remove the failure file an earlier run left (a run starts clean); raises ``OSError``."""
+    if not os.path.lexists(path):
+        return  # also on a read-only volume, where unlink fails even for a missing file
     try:
-        st = os.stat(path)
-    except OSError:
-        return FileState(False)
-    return FileState(True, st.st_ino, st.st_mtime_ns, st.st_size)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
-def write_failure_file(path: str, text: str, before: Optional[FileState] = None) -> bool:
-    """Write ``path`` atomically unless the user's code wrote it during this run.
+def write_failure_file(path: str, text: str) -> bool:
+    """Write ``path`` atomically unless it exists; returns whether trainenv wrote it.
 
-    ``before`` is the file's state when the launch started: a file that is unchanged since
-    then is a stale report of an earlier attempt and is replaced; a new or changed one is the
-    user's and is kept. Returns whether trainenv wrote the file.
+    The runner removed any earlier failure file when the run started, so one that exists now
+    was written by the user's code during this run: it is the user's report and is kept.
     """
-    now = file_state(path)
-    if now.exists and (before is None or now != before):
-        return False
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return False  # a dir there is no report: writing over it fails with an OSError
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    write_atomic(path, text)
     return True

@@ -1,19 +1,23 @@
 """``trainenv train``: the launch sequence, where every side effect of a launch happens.
 
-1. resolve the layout, read ``trainenv.yaml``, resolve the launch settings;
+1. resolve the layout; remove ``output/failure`` left by an earlier run (not with ``--dry-run``);
+   read ``trainenv.yaml``, resolve the launch settings;
 2. build the snapshot (``TrainingEnv``) and the plan (``LaunchPlan``) — pure;
-3. ``--dry-run`` stops here and prints the plan;
-4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile;
+3. ``--dry-run`` stops here and prints the plan: it writes nothing, not even on failure;
+4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile (an
+   ``OSError`` here is a ``ConfigError`` naming the path);
 5. log a short, redacted start-up summary;
 6. install the requirements (``trainenv.install``);
 7. torchrun/mpi: check the engine, wait for the peers; on node 0 of an MPI job, wait for every
-   other node (``trainenv.distributed.prepare_nodes``);
+   other node (``trainenv.nodes.prepare_nodes``);
 8. run the plan under the supervisor (``trainenv.supervisor``);
 9. classify the outcome, write ``output/failure`` on failure, return the exit status (node 0 of
    an MPI job also sends it, with the failure file, to the other nodes).
 
-Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69); anything
-else is an ``InternalError`` (70) whose traceback goes to the log and the failure file.
+Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69, 128+N for a
+signal); anything else is an ``InternalError`` (70) whose traceback goes to the log and the
+failure file. The reason is always logged first, so it shows even when the failure file
+cannot be written.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping, Optional
 
 from trainenv.console import Console, console_for
-from trainenv.errors import TrainenvError
+from trainenv.errors import ConfigError, TrainenvError
 from trainenv.layout import Layout
-from trainenv.outcome import FileState, Outcome, classify, failure_text, file_state, write_failure_file
+from trainenv.outcome import Outcome, classify, failure_text, remove_failure_file, write_failure_file
 from trainenv.redact import secret_values
 
 
@@ -62,17 +66,20 @@ class Launch:
         self.layout = Layout.resolve(environ)
         self.secrets = secret_values(environ)
         self.console: Console = console_for(environ, self.secrets)
-        self.failure_before: FileState = file_state(str(self.layout.failure_file))
+        self.dry_run = False
         self.nodes: Any = None  # node 0 of a multi-node MPI job: its link to the other nodes
 
     def run(self, dry_run: bool = False) -> int:
         code = self._run(dry_run)
-        if self.nodes is not None:  # tell the other nodes how the job ended (trainenv.distributed)
+        if self.nodes is not None:  # tell the other nodes how the job ended (trainenv.nodes)
             self.nodes.finish(code, str(self.layout.failure_file))
         return code
 
     def _run(self, dry_run: bool) -> int:
+        self.dry_run = dry_run
         try:
+            if not dry_run:
+                self._start_clean()
             return self._sequence(dry_run)
         except TrainenvError as exc:
             return self._fail(Outcome(exc.exit_code, exc.category, str(exc), getattr(exc, "tail", "")))
@@ -91,32 +98,55 @@ class Launch:
         from trainenv.plan import build_plan
         from trainenv.settings import resolve_settings
 
-        file_settings, settings_path = config.read_settings_file(self.layout.settings_files)
+        file_settings, settings_path = config.read_file_settings(self.layout.settings_files)
         settings = resolve_settings(self.flags, self.environ, file_settings, settings_path or "trainenv.yaml")
         env = build_training_env(self.environ, layout=self.layout, settings=file_settings)
         plan = build_plan(env, settings, self.environ)
         self.secrets = list(plan.secrets)
         self.console.secrets = plan.secrets
         if dry_run:
-            sys.stdout.write(plan.describe() + "\n")
+            sys.stdout.write(plan.describe(bool(self.flags.get("show_secrets"))) + "\n")
             return 0
         self._prepare(plan)
-        for line in summary_lines(env, plan):
+        for line in (*summary_lines(env, plan), *plan.warnings):
             self.console.info(line)
         if settings.install:
             self._install(plan)
         if settings.distribution != "none":
-            from trainenv.distributed import prepare_nodes
+            from trainenv.nodes import prepare_nodes
 
             self.nodes = prepare_nodes(env, plan, self.console)
         return self._supervise(plan)
 
+    def _start_clean(self) -> None:
+        """A run starts without the failure file of an earlier run (``--dry-run`` keeps it)."""
+        path = str(self.layout.failure_file)
+        try:
+            remove_failure_file(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot remove the failure file of an earlier run {path}: {exc.strerror or exc}") from None
+
     def _prepare(self, plan: Any) -> None:
-        for directory in plan.dirs_to_create:
-            os.makedirs(directory, exist_ok=True)
-        _write_private(plan.env_file, plan.snapshot_json)
-        if plan.hostfile and plan.hostfile_text is not None:
-            _write_private(plan.hostfile, plan.hostfile_text)
+        """Create the output dirs, the run dir (this user's only), the snapshot file and hostfile.
+
+        Any ``OSError`` (a read-only volume, a file where a dir should be) is a ``ConfigError``
+        naming the path: the job's tree or ``TRAINENV_RUN_DIR`` is unusable, not trainenv.
+        """
+        from trainenv.files import write_atomic
+
+        path = ""
+        try:
+            for path in plan.dirs_to_create:
+                os.makedirs(path, exist_ok=True)
+            path = os.path.dirname(plan.env_file)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            path = plan.env_file
+            write_atomic(path, plan.snapshot_json, mode=0o600)  # the snapshot may hold secrets
+            if plan.hostfile and plan.hostfile_text is not None:
+                path = plan.hostfile
+                write_atomic(path, plan.hostfile_text, mode=0o600)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {exc.filename or path}: {exc.strerror or exc}") from None
 
     def _install(self, plan: Any) -> None:
         if not plan.requirements_file and not plan.settings.requirements:
@@ -173,25 +203,15 @@ class Launch:
 
     def _fail(self, outcome: Outcome) -> int:
         self.console.error(f"{outcome.category}: {outcome.reason}")
+        if self.dry_run:
+            return outcome.exit_code  # --dry-run writes nothing, not even a failure file
         try:
-            written = write_failure_file(
-                str(self.layout.failure_file), failure_text(outcome, self.secrets), self.failure_before
-            )
+            written = write_failure_file(str(self.layout.failure_file), failure_text(outcome, self.secrets))
             if not written:
                 self.console.info(f"kept the failure file the job wrote: {self.layout.failure_file}")
         except OSError as exc:
             self.console.error(f"cannot write the failure file {self.layout.failure_file}: {exc.strerror}")
         return outcome.exit_code
-
-
-def _write_private(path: str, text: str) -> None:
-    """Write a file only this user can read (the snapshot may hold secrets), atomically."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 def run_training(flags: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None, dry_run: bool = False) -> int:

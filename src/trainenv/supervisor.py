@@ -1,7 +1,7 @@
 """The supervisor: run one job process the way a good PID 1 does.
 
 The contract, in one sentence: start the job in its own process group, pass its output
-through, forward signals to the whole group, reap every child that dies, and return the job's
+through, forward signals to all of the job, reap every child that dies, and return the job's
 own exit status once the main process is gone.
 
 **The loop.** Signal handlers do nothing themselves: Python's C-level handler writes the
@@ -9,19 +9,25 @@ signal number to a wakeup pipe (``signal.set_wakeup_fd``). One loop waits on a s
 that pipe and the job's stderr (and stdout, with line prefixes), then each tick:
 
 1. dispatches every signal read from the pipe: ``SIGTERM``/``SIGINT`` → ``stop``; ``SIGHUP``,
-   ``SIGQUIT``, ``SIGUSR1``, ``SIGUSR2`` → forwarded to the job's group; ``SIGCHLD`` → wake up;
-2. copies what the job wrote, unchanged (no re-chunking), keeping the last 64 KiB of stderr;
+   ``SIGQUIT``, ``SIGUSR1``, ``SIGUSR2`` → forwarded to the job's processes; ``SIGCHLD`` → wake up;
+2. copies what the job wrote (``trainenv.streams``: unchanged, or line by line behind a log
+   prefix, a line over 64 KiB in pieces), keeping the last 64 KiB of stderr;
 3. on ``SIGCHLD``, a closed pipe or a quiet tick, reaps with ``waitpid(-1, WNOHANG)`` until
    nothing is left; only the main process's status
    counts, orphans re-parented to us (as PID 1 or as a child subreaper) are reaped and logged
    at debug;
 4. checks the deadlines: the time limit (``max_run_seconds``) calls ``stop``; the end of the
-   grace period sends ``SIGKILL`` to the group.
+   grace period sends ``SIGKILL`` to the job's processes.
+
+**The job's processes** are its process group plus every process below trainenv (found in
+``/proc``): the runner makes trainenv a child subreaper (or it is PID 1), so a process the job
+started in a session of its own (``setsid``, a daemon) is re-parented to trainenv when its
+parent exits, and stays within reach. Signals go to the group and to each such process.
 
 **Stopping** is one path: ``stop`` sends the signal (``SIGTERM`` for the time limit) to the
-job's group and starts the grace period; a second ``SIGTERM``/``SIGINT`` cuts it short.
-When the main process exits, whatever is left of its group gets ``SIGTERM``, at most 2 s (or
-the grace, if shorter), then ``SIGKILL``, so no stray worker outlives the job.
+job's processes and starts the grace period; a second ``SIGTERM``/``SIGINT`` cuts it short.
+When the main process exits, every process it left gets ``SIGTERM``, at most 2 s (or the
+grace, if shorter), then ``SIGKILL``, so nothing the job started outlives it.
 
 **Exit status:** the main process's own, or 128+N when it died of signal N (shell
 convention); 127/126 when it could not be executed. The job sees no trace of the
@@ -43,12 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable, Mapping, Optional, Sequence
 
 from trainenv.frozen import frozen
+from trainenv.streams import Stream, grow_pipe
 
-TAIL_BYTES = 64 * 1024
-READ_SIZE = 64 * 1024
-PIPE_SIZE = 1024 * 1024
 COALESCE_SECONDS = 0.002
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out to work on Python 3.9
 LEFTOVER_GRACE = 2.0
 TICK = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -83,70 +86,6 @@ def become_subreaper() -> bool:
         return False
 
 
-def _write_all(fd: int, data: bytes) -> bool:
-    """Write everything to ``fd``; False once the reader is gone (the job keeps running)."""
-    view = memoryview(data)
-    while view:
-        try:
-            written = os.write(fd, view)
-        except InterruptedError:
-            continue
-        except BlockingIOError:
-            time.sleep(0.001)
-            continue
-        except OSError:
-            return False
-        view = view[written:]
-    return True
-
-
-class _Stream:
-    """One of the job's output pipes, copied to one of ours."""
-
-    def __init__(self, fd: int, target: int, prefix: Optional[bytes], keep_tail: bool) -> None:
-        self.fd = fd
-        self.target = target
-        self.prefix = prefix
-        self.keep_tail = keep_tail
-        self.tail = bytearray()
-        self.partial = b""
-        self.target_open = True
-        self.last_read_full = False
-
-    def pump(self) -> bool:
-        """Read once and pass it on; False at end of file."""
-        try:
-            data = os.read(self.fd, READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return True
-        if not data:
-            if self.prefix and self.partial:
-                self._emit(self.prefix + self.partial + b"\n")
-                self.partial = b""
-            return False
-        if self.keep_tail:
-            self.tail += data
-            if len(self.tail) > 2 * TAIL_BYTES:
-                del self.tail[:-TAIL_BYTES]
-        if self.prefix is None:
-            self._emit(data)
-        else:
-            text = self.partial + data
-            cut = text.rfind(b"\n") + 1
-            self.partial = text[cut:]
-            if cut:
-                self._emit(self.prefix + text[:cut - 1].replace(b"\n", b"\n" + self.prefix) + b"\n")
-        self.last_read_full = len(data) == READ_SIZE
-        return True
-
-    def _emit(self, data: bytes) -> None:
-        if self.target_open:
-            self.target_open = _write_all(self.target, data)
-
-    def tail_text(self) -> str:
-        return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")
-
-
 class Supervisor:
     """Runs one job process to completion; see the module docstring."""
 
@@ -173,6 +112,7 @@ class Supervisor:
         self.info = info
         self.oom_count = oom_count
         self.process: Optional[subprocess.Popen] = None
+        self.foreign: frozenset = frozenset()  # processes below us from before the job: not the job's
         self.main_status: Optional[int] = None
         self.stopped_by: Optional[int] = None
         self.timed_out = False
@@ -208,10 +148,10 @@ class Supervisor:
             self.stop(number)
         else:
             self.info(f"forwarding {signal.Signals(number).name} to the job")
-            self._signal_group(number)
+            self._signal_job(number)
 
     def stop(self, number: int, timed_out: bool = False) -> None:
-        """Signal the job's group and start the grace period; a repeat stops it at once."""
+        """Signal the job's processes and start the grace period; a repeat ends it at once."""
         if self.main_status is not None:
             return
         now = time.monotonic()
@@ -224,10 +164,11 @@ class Supervisor:
         self.stopped_by = None if timed_out else number
         why = "time limit reached" if timed_out else f"received {signal.Signals(number).name}"
         self.info(f"{why}: sending {signal.Signals(number).name} to the job, SIGKILL in {self.grace_seconds:g} s")
-        self._signal_group(number)
+        self._signal_job(number)
         self.kill_at = now + self.grace_seconds
 
-    def _signal_group(self, number: int) -> None:
+    def _signal_job(self, number: int) -> None:
+        """Signal the job's process group, and each process of the job outside it."""
         if self.process is None:
             return
         try:
@@ -236,6 +177,22 @@ class Supervisor:
             pass
         except PermissionError:
             self.debug("cannot signal the job's process group (permission denied)")
+        for pid, group in self._strays().items():
+            if group != self.process.pid:  # the group got it already
+                try:
+                    os.kill(pid, number)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def _strays(self) -> dict:
+        """``{pid: process group}`` of every live process below us that is not ``foreign``.
+
+        With trainenv as PID 1 or a child subreaper, whatever the job started ends up below us,
+        even in a session of its own (``setsid``) after its parent exited.
+        """
+        if not _has_children():
+            return {}
+        return {pid: group for pid, group in _descendants(os.getpid()).items() if pid not in self.foreign}
 
     # -- reaping -------------------------------------------------------------------------
 
@@ -278,7 +235,7 @@ class Supervisor:
                     reap_due |= number == signal.SIGCHLD
                     self.handle_signal(number)
             else:
-                stream: _Stream = key.data
+                stream: Stream = key.data
                 if not stream.pump():
                     self.selector.unregister(stream.fd)
                     os.close(stream.fd)
@@ -299,20 +256,22 @@ class Supervisor:
     # -- the run -------------------------------------------------------------------------
 
     def _spawn(self) -> None:
+        if _has_children():  # only when embedded in a process with children of its own
+            self.foreign = frozenset(_descendants(os.getpid()))
         stdout = subprocess.PIPE if self.prefix else None
         options: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
         self.process = subprocess.Popen(
             self.argv, env=self.env, cwd=self.cwd, stdout=stdout, stderr=subprocess.PIPE, **options
         )
-        pipes = [(self.process.stderr, 2, True)]
-        if self.process.stdout is not None:
-            pipes.append((self.process.stdout, 1, False))
+        pipes = [(self.process.stderr, 2, True), (self.process.stdout, 1, False)]
         for pipe, target, keep_tail in pipes:
+            if pipe is None:
+                continue  # no prefix: the job writes to our stdout itself
             fd = os.dup(pipe.fileno())
             pipe.close()
             os.set_blocking(fd, False)
-            _grow_pipe(fd)
-            stream = _Stream(fd, target, self.prefix, keep_tail)
+            grow_pipe(fd)
+            stream = Stream(fd, target, self.prefix, keep_tail)
             self.streams[target] = stream
             self.selector.register(fd, selectors.EVENT_READ, stream)
         self.process.stdout = self.process.stderr = None
@@ -336,7 +295,7 @@ class Supervisor:
                     self.stop(signal.SIGTERM, timed_out=True)
                 if self.kill_at is not None and now >= self.kill_at:
                     self.info("grace period over: sending SIGKILL to the job")
-                    self._signal_group(signal.SIGKILL)
+                    self._signal_job(signal.SIGKILL)
                     self.kill_at = now + self.grace_seconds + TICK
                 if self._pump(self._timeout(time.monotonic())):
                     self.reap()
@@ -350,56 +309,88 @@ class Supervisor:
         assert self.main_status is not None
         code, number = decode_wait_status(self.main_status)
         oom_after = self.oom_count()
-        oom = number == signal.SIGKILL and None not in (oom_before, oom_after) and oom_after > oom_before
+        oom = number == signal.SIGKILL and oom_before is not None and oom_after is not None and oom_after > oom_before
         tail = self.streams[2].tail_text() if 2 in self.streams else ""
         return RunResult(code, number, self.timed_out, self.stopped_by, bool(oom), tail, time.monotonic() - started)
 
-    def _group_alive(self) -> bool:
+    def _job_alive(self) -> bool:
+        """Whether any process of the job is left: in its group, or anywhere below us."""
+        assert self.process is not None
         try:
             os.killpg(self.process.pid, 0)
             return True
         except (ProcessLookupError, PermissionError):
-            return False
+            return bool(self._strays())
 
     def _end_leftovers(self) -> None:
-        """The main process is gone: stop what is left of its group, then reap it."""
-        if not self._group_alive():
+        """The main process is gone: stop every process it left (SIGTERM, grace, SIGKILL), reap them."""
+        if not self._job_alive():
             return
-        self.debug("the job's main process exited; stopping the rest of its process group")
-        self._signal_group(signal.SIGTERM)
+        self.debug("the job's main process exited; stopping the processes it left")
+        self._signal_job(signal.SIGTERM)
         until = time.monotonic() + min(LEFTOVER_GRACE, self.grace_seconds)
-        while self._group_alive() and time.monotonic() < until:
+        while self._job_alive() and time.monotonic() < until:
             self._pump(0.05)
             self.reap()
-        if self._group_alive():
-            self._signal_group(signal.SIGKILL)
+        if self._job_alive():
+            self._signal_job(signal.SIGKILL)
         for _ in range(50):
             self.reap()
-            if not self._group_alive():
+            if not self._job_alive():
                 break
             time.sleep(0.01)
 
     def _drain(self) -> None:
         """Copy what is still in the pipes; stop when they close or go quiet."""
         quiet_until = time.monotonic() + 1.0
-        while any(isinstance(k.data, _Stream) for k in self.selector.get_map().values()):
+        while any(isinstance(k.data, Stream) for k in self.selector.get_map().values()):
             if time.monotonic() > quiet_until:
                 break
             self._pump(0.05)
         for key in list(self.selector.get_map().values()):
-            if isinstance(key.data, _Stream):
+            if isinstance(key.data, Stream):
                 self.selector.unregister(key.fd)
                 os.close(key.fd)
 
 
-def _grow_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe, so a job that writes bursts blocks less; the default is fine too."""
+def _has_children() -> bool:
+    """Whether this process has any child, running or not (one cheap system call)."""
     try:
-        import fcntl
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+    except (AttributeError, OSError):  # no waitid: assume there may be
+        return True
 
-        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-    except (ImportError, OSError):
-        pass
+
+def _descendants(root: int) -> dict:
+    """``{pid: process group}`` of every live (not zombie) process below ``root``, from ``/proc``."""
+    parents: dict = {}
+    groups: dict = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return {}
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != b"Z":
+            parents.setdefault(int(fields[1]), []).append(int(name))
+            groups[int(name)] = int(fields[2])
+    found: dict = {}
+    stack = [root]
+    while stack:
+        for child in parents.get(stack.pop(), ()):
+            if child not in found:
+                found[child] = groups[child]
+                stack.append(child)
+    return found
 
 
 def _enqueue_only(signum: int, frame: object) -> None:

@@ -1,0 +1,168 @@
+"""Jobs that misbehave on purpose: a line of megabytes, processes that escape the job's session.
+
+Each test runs a real ``trainenv train`` (or ``trainenv local``) and checks what is left after
+it returns: the launcher's memory, the job's output, stray processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_support import TRAINENV, job_environ, make_tree
+
+LONG_LINE = """
+import os, sys
+chunk = bytes(range(32, 127)) * 700  # 66,500 bytes, not a multiple of 64 KiB
+out = sys.stdout.buffer
+for _ in range(int(os.environ["CHUNKS"])):
+    out.write(chunk)  # one line of megabytes, never a newline
+out.write(b"\\nshort\\n" + b"t" * 70000)  # and a last line without a newline
+out.flush()
+"""
+
+def test_a_line_of_megabytes_is_split_in_linear_time_and_bounded_memory(tmp_path):
+    chunks = 1000  # a 66.5 MB line
+    base = make_tree(tmp_path, {"train.py": LONG_LINE})
+    out_path = tmp_path / "stdout"
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.call(sys.argv[2:], stdout=open(sys.argv[1], 'wb'))\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"  # KiB, the launcher's peak
+        "sys.exit(code)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, str(out_path), TRAINENV, "train", "--log-prefix"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_CURRENT_HOST="", CHUNKS=str(chunks)),
+        capture_output=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    elapsed = time.monotonic() - started
+    peak_kib = int(done.stdout.decode().split()[-1])
+    assert peak_kib < 60 * 1024, f"launcher peak RSS {peak_kib} KiB for a {chunks * 66500} byte line"
+    assert elapsed < 120  # quadratic copying of the partial line took minutes
+    host = os.uname().nodename
+    prefix, more = f"[{host}:0] ".encode(), f"[{host}:0]+ ".encode()
+    lines, pieces = [], []
+    with open(out_path, "rb") as handle:
+        for raw in handle:
+            assert raw.endswith(b"\n")
+            if raw.startswith(more):
+                lines[-1].update(raw[len(more):-1])
+                pieces[-1] += 1
+            else:
+                assert raw.startswith(prefix), raw[:40]
+                assert len(raw) - len(prefix) - 1 <= 64 * 1024
+                lines.append(hashlib.sha256(raw[len(prefix):-1]))
+                pieces.append(1)
+    expected = [bytes(range(32, 127)) * 700 * chunks, b"short", b"t" * 70000]
+    assert [h.hexdigest() for h in lines] == [hashlib.sha256(e).hexdigest() for e in expected]
+    assert pieces == [-(-len(e) // (64 * 1024)) for e in expected]
+
+
+# The job starts a process in a session of its own, then exits. The shell's background child is
+# not a group leader, so setsid(1) does not fork: $! is the sleep itself once it has exec'd.
+ESCAPE = 'setsid sleep 1000 & while [ "$(cat /proc/$!/comm 2>/dev/null)" != sleep ]; do :; done; echo $! > "$MARK"'
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie is dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _gone_or_kill(pid: int) -> bool:
+    """Whether ``pid`` is gone; kill it if not, so no test leaves a process behind."""
+    if not _alive(pid):
+        return True
+    os.kill(pid, signal.SIGKILL)
+    return False
+
+
+def _run_escape(argv: list, mark: Path, **options) -> subprocess.CompletedProcess:
+    """Run ``argv``; whatever happens, kill the escaped sleep if it is still there afterwards."""
+    try:
+        # Output to files: a surviving sleep would hold a pipe open and block the read.
+        with open(mark.with_suffix(".out"), "wb") as out:
+            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=60, **options)
+        done.stderr = mark.with_suffix(".out").read_bytes()
+        return done
+    finally:
+        if mark.exists() and mark.read_text().strip():
+            done_pid = int(mark.read_text())
+            mark.with_suffix(".alive").write_text(str(not _gone_or_kill(done_pid)))
+
+
+def test_a_process_in_its_own_session_does_not_outlive_the_job(tmp_path):
+    base = make_tree(tmp_path)
+    mark = tmp_path / "escaped.pid"
+    done = _run_escape([TRAINENV, "train"], mark, env=job_environ(base, TRAINENV_COMMAND=ESCAPE, MARK=str(mark)))
+    assert done.returncode == 0, done.stderr.decode()
+    assert mark.with_suffix(".alive").read_text() == "False", "the setsid sleep outlived trainenv train"
+
+
+def test_local_mode_ends_what_the_job_left_too(tmp_path):
+    mark = tmp_path / "escaped.pid"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINENV_")}
+    done = _run_escape([TRAINENV, "local", "--command", ESCAPE], mark, cwd=tmp_path, env=dict(env, MARK=str(mark)))
+    assert done.returncode == 0, done.stderr.decode()
+    assert mark.with_suffix(".alive").read_text() == "False", "the setsid sleep outlived trainenv local"
+
+
+CHECKPOINTING_ESCAPEE = """
+import os, signal, subprocess, sys, time
+code = ("import os, signal, sys, time\\n"
+        "def on_term(*_):\\n    open(os.environ['MARK'], 'w').write('TERM')\\n    sys.exit(0)\\n"
+        "signal.signal(signal.SIGTERM, on_term)\\nopen(os.environ['MARK'] + '.up', 'w').write(str(os.getpid()))\\n"
+        "time.sleep(600)\\n")
+subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+while not os.path.exists(os.environ["MARK"] + ".up"):
+    time.sleep(0.01)
+"""
+
+
+def test_as_pid_1_what_the_job_left_gets_sigterm_before_the_end(tmp_path):
+    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+    base = make_tree(tmp_path, {"train.py": CHECKPOINTING_ESCAPEE})
+    mark = tmp_path / "escapee"
+    done = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", TRAINENV, "train"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)), capture_output=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    # Not the kernel's SIGKILL when PID 1 exits: SIGTERM first, with time to act on it.
+    assert mark.read_text() == "TERM"
+
+
+def test_sigterm_to_trainenv_reaches_a_process_in_its_own_session(tmp_path):
+    script = CHECKPOINTING_ESCAPEE + "open(os.environ['MARK'] + '.ready', 'w').close()\ntime.sleep(600)\n"
+    base = make_tree(tmp_path, {"train.py": script})
+    mark = tmp_path / "escapee"
+    launcher = subprocess.Popen([TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"{mark}.ready").exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, "the job never got ready"
+            time.sleep(0.02)
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=60)
+    finally:
+        escapee = Path(f"{mark}.up")
+        if escapee.exists() and escapee.read_text():
+            _gone_or_kill(int(escapee.read_text()))
+    assert launcher.returncode == 128 + signal.SIGTERM
+    assert mark.exists() and mark.read_text() == "TERM"
