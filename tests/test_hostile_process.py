@@ -166,3 +166,79 @@ def test_sigterm_to_trainenv_reaches_a_process_in_its_own_session(tmp_path):
             _gone_or_kill(int(escapee.read_text()))
     assert launcher.returncode == 128 + signal.SIGTERM
     assert mark.exists() and mark.read_text() == "TERM"
+
+
+# -- signals before the job starts, and settings that reach their consumers ------------------
+
+
+def _read_until(stream, needle: bytes, timeout: float = 30) -> bytes:
+    """Lines of ``stream`` up to the first holding ``needle`` (the test fails if it never comes)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while needle not in seen:
+        assert time.monotonic() < deadline, seen.decode(errors="replace")
+        line = stream.readline()
+        assert line, seen.decode(errors="replace")
+        seen += line
+    return seen
+
+
+def test_sigterm_during_the_peer_wait_ends_it_at_once_with_a_signal_failure(tmp_path):
+    """Node 1 waits (up to 10 minutes) for a node 0 that never comes: SIGTERM ends the wait, exit 143."""
+    base = make_tree(tmp_path, {"train.py": "print('must not run')\n"})
+    (base / "input" / "config" / "resourceconfig.json").write_text(
+        '{"current_host": "127.0.0.2", "hosts": ["127.0.0.1", "127.0.0.2"]}'
+    )
+    proc = subprocess.Popen(
+        [TRAINENV, "train", "--entry-point", "train.py", "--distribution", "torchrun", "--master-port", "9"],
+        env=job_environ(base),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _read_until(proc.stderr, b"waiting for node 0")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err.decode()
+    assert time.monotonic() - started < 5
+    text = (base / "output" / "failure").read_text()
+    assert text.startswith("Signal: trainenv received SIGTERM before the job started"), text
+    assert b"must not run" not in out
+
+
+def test_log_level_and_installer_options_reach_the_launcher(tmp_path):
+    """``--log-level quiet`` silences trainenv's info lines; ``--installer pip`` is the installer used."""
+    base = make_tree(tmp_path, {"train.py": "print('ran')\n", "requirements.txt": "# nothing to install\npip\n"})
+    done = subprocess.run(
+        [TRAINENV, "train", "--entry-point", "train.py", "--installer", "pip", "--log-level", "debug"],
+        env=job_environ(base, TMPDIR=str(tmp_path)), capture_output=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"pip" in done.stderr and b"with uv" not in done.stderr, done.stderr.decode()
+    quiet = subprocess.run(
+        [TRAINENV, "train", "--entry-point", "train.py", "--no-install", "--log-level", "quiet"],
+        env=job_environ(base), capture_output=True, timeout=60,
+    )
+    assert quiet.returncode == 0 and quiet.stdout == b"ran\n"
+    assert quiet.stderr == b"", quiet.stderr.decode()
+
+
+def test_a_cluster_error_in_usercode_trainenv_yaml_names_that_file(tmp_path):
+    base = make_tree(tmp_path, {"train.py": "", "trainenv.yaml": "hosts: []\n"})
+    done = subprocess.run([TRAINENV, "train", "--entry-point", "train.py"], env=job_environ(base), capture_output=True, timeout=60)
+    assert done.returncode == 78
+    first = (base / "output" / "failure").read_text().splitlines()[0]
+    assert str(base / "usercode" / "trainenv.yaml") in first, first
+
+
+def test_a_secret_hyperparameter_is_scrubbed_from_errors_raised_while_planning(tmp_path):
+    """The entry point is checked while the plan is built: its error may quote a secret value."""
+    base = make_tree(tmp_path, {}, {"hf_token": "hf_sEcReT1234567"})
+    done = subprocess.run(
+        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="hf_sEcReT1234567"), capture_output=True, timeout=60
+    )
+    assert done.returncode == 78
+    assert b"sEcReT" not in done.stderr and "sEcReT" not in (base / "output" / "failure").read_text()

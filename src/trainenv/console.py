@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.redact import redact_text
 
-_LEVELS = {"quiet": 0, "error": 0, "info": 1, "debug": 2}
+_LEVELS = {"quiet": 0, "info": 1, "debug": 2}
 
 
 class Console:
@@ -24,6 +24,10 @@ class Console:
         self.level = _LEVELS.get(level.lower(), 1)
         self.secrets = tuple(secrets)
         self.stream = stream if stream is not None else sys.stderr
+
+    def set_level(self, level: str) -> None:
+        """``quiet``, ``info`` or ``debug`` (the ``log_level`` setting, validated there)."""
+        self.level = _LEVELS.get(level.lower(), 1)
 
     def _write(self, text: str) -> None:
         lines = redact_text(text, self.secrets).splitlines() or [""]

@@ -15,7 +15,9 @@ import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Optional, Sequence, Tuple
+    from typing import Any, Mapping, Sequence
+
+    from trainenv.serving.config import ServingEnv
 
 from trainenv.errors import ConfigError
 from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
@@ -37,8 +39,8 @@ class TrainingEnv(SnapshotMapping):
     job_name: str
     hyperparameters: Mapping[str, Any]
     framework_parameters: Mapping[str, Any]
-    user_args: Tuple[str, ...]
-    channels: Tuple[str, ...]
+    user_args: tuple[str, ...]
+    channels: tuple[str, ...]
     channel_dirs: Mapping[str, str]
     input_data_config: Mapping[str, Any]
     output_dirs: Mapping[str, str]
@@ -51,34 +53,34 @@ class TrainingEnv(SnapshotMapping):
     checkpoint_dir: str
     tensorboard_dir: str
     failure_file: str
-    hosts: Tuple[str, ...]
+    hosts: tuple[str, ...]
     current_host: str
     master_host: str
-    master_port: Optional[int]
-    node_rank: Optional[int]  # None until an elastic rendezvous assigns it
+    master_port: int | None
+    node_rank: int | None  # None until an elastic rendezvous assigns it
     num_nodes: int
     is_master: bool
-    network_interface: Optional[str]
+    network_interface: str | None
     cluster_source: str
-    platform_nproc_per_node: Optional[int]
+    platform_nproc_per_node: int | None
     num_cpus: int
     memory_bytes: int
     num_gpus: int
-    gpus: Tuple[Mapping[str, Any], ...]
-    resource_config: Optional[Mapping[str, Any]]
+    gpus: tuple[Mapping[str, Any], ...]
+    resource_config: Mapping[str, Any] | None
 
-    def to_env_vars(self, compat: Sequence[str] = ("pai",), **options: Any) -> dict:
+    def to_env_vars(self, compat: Sequence[str] = ("pai",), **options: Any) -> dict[str, str]:
         """The snapshot as environment variables: see ``trainenv.exports``."""
         from trainenv.exports import to_env_vars
 
         return to_env_vars(self, compat, **options)
 
-    def to_cmd_args(self) -> list:
+    def to_cmd_args(self) -> list[str]:
         """``--name value`` per hyperparameter, in the file's order."""
         return list(self.user_args)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: object = "snapshot") -> "TrainingEnv":
+    def from_dict(cls, data: Mapping[str, Any], source: object = "snapshot") -> TrainingEnv:
         """The inverse of ``to_dict()`` (used to load ``TRAINENV_ENV_FILE``)."""
         names = cls._field_names()
         missing = [n for n in names if n not in data]
@@ -94,10 +96,10 @@ def _freeze(value: Any) -> Any:
     return deep_freeze(value)
 
 
-_hardware: dict = {}
+_hardware: dict[tuple[str, str | None, str | None], tuple[int, int, tuple[Mapping[str, Any], ...]]] = {}
 
 
-def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, int, tuple]:
+def probe_hardware(environ: Mapping[str, str], root: str = "/") -> tuple[int, int, tuple[Mapping[str, Any], ...]]:
     """``(cpus, memory bytes, gpus)``, probed once per process and root."""
     key = (root, environ.get("CUDA_VISIBLE_DEVICES"), environ.get("NVIDIA_VISIBLE_DEVICES"))
     if key not in _hardware:
@@ -113,7 +115,7 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> Tuple[int, in
     return _hardware[key]
 
 
-def _output_channels(layout: Layout) -> list:
+def _output_channels(layout: Layout) -> list[str]:
     from trainenv.config import check_channel_name, is_dir_entry, is_ignored_dir
 
     names = list(STANDARD_OUTPUT_CHANNELS)
@@ -130,18 +132,22 @@ def _output_channels(layout: Layout) -> list:
 def build_training_env(
     environ: Mapping[str, str] = os.environ,
     *,
-    layout: Optional[Layout] = None,
-    settings: Optional[Mapping[str, Any]] = None,
+    layout: Layout | None = None,
+    settings: Mapping[str, Any] | None = None,
+    settings_source: object = None,
     root: str = "/",
-    hostname: Optional[str] = None,
+    hostname: str | None = None,
 ) -> TrainingEnv:
-    """Read the config files, discover the cluster and the hardware; never writes."""
+    """Read the config files, discover the cluster and the hardware; never writes.
+
+    ``settings`` is ``trainenv.yaml`` already read, and ``settings_source`` the file it came from.
+    """
     from trainenv import config
     from trainenv.cluster import discover_cluster
     from trainenv.exports import normalized_names, to_cmd_args
 
     layout = layout or Layout.resolve(environ)
-    settings_path = None
+    settings_path = settings_source
     if settings is None:
         settings, settings_path = config.read_file_settings(layout.settings_files)
     hyperparameters, framework_parameters = config.read_hyperparameters(layout.hyperparameters_file)
@@ -221,7 +227,7 @@ def load_training_env(path: str) -> TrainingEnv:
     return TrainingEnv.from_dict(value, source=path)
 
 
-def training_env(environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:
+def training_env(environ: Mapping[str, str] | None = None) -> TrainingEnv:
     """The job's snapshot: loaded from ``TRAINENV_ENV_FILE`` when the launcher wrote one."""
     environ = os.environ if environ is None else environ
     env_file = environ.get(ENV_FILE_VAR)
@@ -230,7 +236,7 @@ def training_env(environ: Optional[Mapping[str, str]] = None) -> TrainingEnv:
     return build_training_env(environ)
 
 
-def serving_env(environ: Optional[Mapping[str, str]] = None) -> "ServingEnv":
+def serving_env(environ: Mapping[str, str] | None = None) -> ServingEnv:
     """The serving container's snapshot (``trainenv.serving.config``)."""
     from trainenv.serving.config import resolve_serving_env
 

@@ -71,16 +71,16 @@ def _forms(value: str) -> Iterator[str]:
         yield quoted.replace("\\'", "'")
 
 
-def secret_values(values: Mapping[str, str]) -> list:
+def secret_values(values: Mapping[str, str]) -> list[str]:
     """The values of secret names, in each serialized form, longest first (for ``redact_text``)."""
-    found = set()
+    found: set[str] = set()
     for name, value in values.items():
         if is_secret_name(name) and len(value) >= _MIN_SECRET_LEN:
             found.update(_forms(value))
     return sorted(found, key=len, reverse=True)
 
 
-def nested_secrets(value: object, name: str = "", found: dict = None) -> dict:
+def nested_secrets(value: object, name: str = "", found: dict[str, str] | None = None) -> dict[str, str]:
     """``{path: text}`` for every value under a secret name, at any depth of JSON data."""
     import json
 
@@ -101,7 +101,7 @@ def _under_secret_name(path: str) -> bool:
     return any(is_secret_name(key) for key in re.split(r"\.|\[\d+\]", path) if key)
 
 
-def known_secrets(environ: Mapping[str, str], data: object = None) -> list:
+def known_secrets(environ: Mapping[str, str], data: object = None) -> list[str]:
     """``secret_values`` of the secret names of ``environ`` and of ``data`` (e.g. hyperparameters)."""
     named = dict(environ)
     if data is not None:

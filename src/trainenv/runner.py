@@ -14,6 +14,11 @@
 9. classify the outcome, write ``output/failure`` on failure, return the exit status (node 0 of
    an MPI job also sends it, with the failure file, to the other nodes).
 
+SIGTERM or SIGINT before the job starts (steps 1-7) ends the sequence at the next step, with
+exit 128+N and a ``Signal`` failure file: a wait (for the peers) ends at once, the installer is
+stopped (``trainenv.install``), and from step 8 the supervisor owns the signals; one that
+arrives while it takes over stops the job before it is spawned.
+
 Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69, 128+N for a
 signal); anything else is an ``InternalError`` (70) whose traceback goes to the log and the
 failure file. The reason is always logged first, so it shows even when the failure file
@@ -23,17 +28,18 @@ cannot be written.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Optional
+    from typing import Any, Callable, Mapping, Optional
 
 from trainenv.console import Console, console_for
-from trainenv.errors import ConfigError, TrainenvError
+from trainenv.errors import ConfigError, SignalError, TrainenvError
 from trainenv.layout import Layout
 from trainenv.outcome import Outcome, classify, failure_text, remove_failure_file, write_failure_file
-from trainenv.redact import secret_values
+from trainenv.redact import known_secrets, secret_values
 
 
 def _human_bytes(count: int) -> str:
@@ -57,6 +63,56 @@ def summary_lines(env: Any, plan: Any) -> list:
     ]
 
 
+class PendingSignals:
+    """SIGTERM and SIGINT before the job starts: noted by the handler, acted on at the next step.
+
+    ``check`` raises ``SignalError`` (exit 128+N) once one arrived; inside ``waiting`` (a
+    wait that may last minutes, such as the peer wait) the handler raises it at once.
+    """
+
+    NUMBERS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.number: int | None = None
+        self.raise_at_once = False
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        try:
+            for number in self.NUMBERS:
+                self.previous[number] = signal.signal(number, self._note)
+        except ValueError:  # not the main thread (trainenv used as a library): keep Python's defaults
+            self.restore()
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def _note(self, number: int, frame: Any) -> None:
+        self.number = self.number or number
+        if self.raise_at_once:
+            self.raise_at_once = False
+            raise self._error()
+
+    def _error(self) -> SignalError:
+        assert self.number is not None
+        return SignalError(f"trainenv received {signal.Signals(self.number).name} before the job started", self.number)
+
+    def check(self) -> None:
+        if self.number is not None:
+            raise self._error()
+
+    def waiting(self, wait: Callable[[], Any]) -> Any:
+        """Run ``wait()``; a signal meanwhile ends it with ``SignalError``."""
+        self.check()
+        self.raise_at_once = True
+        try:
+            return wait()
+        finally:
+            self.raise_at_once = False
+
+
 class Launch:
     """One ``trainenv train`` run; holds what the failure report needs."""
 
@@ -67,6 +123,7 @@ class Launch:
         self.secrets = secret_values(environ)
         self.console: Console = console_for(environ, self.secrets)
         self.dry_run = False
+        self.signals = PendingSignals()
         self.nodes: Any = None  # node 0 of a multi-node MPI job: its link to the other nodes
 
     def run(self, dry_run: bool = False) -> int:
@@ -79,6 +136,7 @@ class Launch:
         self.dry_run = dry_run
         try:
             if not dry_run:
+                self.signals.install()
                 self._start_clean()
             return self._sequence(dry_run)
         except TrainenvError as exc:
@@ -91,6 +149,8 @@ class Launch:
             trace = traceback.format_exc()
             self.console.error(trace.rstrip())
             return self._fail(Outcome(70, "InternalError", f"trainenv failed: {type(exc).__name__}: {exc}", trace))
+        finally:
+            self.signals.restore()
 
     def _sequence(self, dry_run: bool) -> int:
         from trainenv import config
@@ -100,23 +160,31 @@ class Launch:
 
         file_settings, settings_path = config.read_file_settings(self.layout.settings_files)
         settings = resolve_settings(self.flags, self.environ, file_settings, settings_path or "trainenv.yaml")
-        env = build_training_env(self.environ, layout=self.layout, settings=file_settings)
+        self.console.set_level(settings.log_level)
+        env = build_training_env(self.environ, layout=self.layout, settings=file_settings, settings_source=settings_path)
+        self._scrub(known_secrets(self.environ, env.hyperparameters))  # before anything can quote them
         plan = build_plan(env, settings, self.environ)
-        self.secrets = list(plan.secrets)
-        self.console.secrets = plan.secrets
+        self._scrub(plan.secrets)
         if dry_run:
             sys.stdout.write(plan.describe(bool(self.flags.get("show_secrets"))) + "\n")
             return 0
+        self.signals.check()
         self._prepare(plan)
         for line in (*summary_lines(env, plan), *plan.warnings):
             self.console.info(line)
         if settings.install:
+            self.signals.check()
             self._install(plan)
         if settings.distribution != "none":
             from trainenv.nodes import prepare_nodes
 
-            self.nodes = prepare_nodes(env, plan, self.console)
+            self.nodes = self.signals.waiting(lambda: prepare_nodes(env, plan, self.console))
         return self._supervise(plan)
+
+    def _scrub(self, secrets: Any) -> None:
+        """From now on, these secret values are scrubbed from the log and the failure file."""
+        self.secrets = list(secrets)
+        self.console.secrets = tuple(secrets)
 
     def _start_clean(self) -> None:
         """A run starts without the failure file of an earlier run (``--dry-run`` keeps it)."""
@@ -161,6 +229,7 @@ class Launch:
             extra_requirements=tuple(plan.settings.requirements),
             cwd=Path(plan.cwd),
             env=plan.env,
+            installer=plan.settings.installer,
         )
         result = install_requirements(request, self.console.info)
         if result.installer == "skipped":
@@ -181,6 +250,7 @@ class Launch:
             debug=self.console.debug,
             info=self.console.info,
             oom_count=oom_kill_count,
+            before_spawn=self.signals.check,
         )
         result = supervisor.run()
         what = "the command" if plan.entry.kind == "command" else f"{plan.entry.kind} {os.path.basename(plan.entry.target)}"

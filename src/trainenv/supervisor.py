@@ -101,6 +101,7 @@ class Supervisor:
         debug: Callable[[str], None] = lambda _: None,
         info: Callable[[str], None] = lambda _: None,
         oom_count: Callable[[], Optional[int]] = lambda: None,
+        before_spawn: Callable[[], None] = lambda: None,
     ) -> None:
         self.argv = list(argv)
         self.env = dict(env)
@@ -111,6 +112,7 @@ class Supervisor:
         self.debug = debug
         self.info = info
         self.oom_count = oom_count
+        self.before_spawn = before_spawn  # runs once our handlers are in place: may raise to spawn nothing
         self.process: Optional[subprocess.Popen] = None
         self.foreign: frozenset = frozenset()  # processes below us from before the job: not the job's
         self.main_status: Optional[int] = None
@@ -282,6 +284,7 @@ class Supervisor:
         self.selector.register(installed[0], selectors.EVENT_READ, "wakeup")
         oom_before = self.oom_count()
         try:
+            self.before_spawn()
             try:
                 self._spawn()
             except OSError as exc:

@@ -49,7 +49,7 @@ import time
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
-    from typing import Callable, List, Mapping, Optional, Tuple
+    from typing import Callable, Mapping
 
     from trainenv.install.report import Attempt
     from trainenv.install.run import StopSignals
@@ -82,11 +82,12 @@ class InstallRequest:
     """What to install, into which interpreter, from where and with which environment."""
 
     python: str
-    requirements_file: Optional[Path]
-    extra_requirements: Tuple[str, ...]
+    requirements_file: Path | None
+    extra_requirements: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str]
-    marker_dir: Optional[Path] = None
+    marker_dir: Path | None = None
+    installer: str = ""  # auto, uv or pip (the launch setting); empty: read TRAINENV_INSTALLER from env
 
 
 @frozen
@@ -95,7 +96,7 @@ class InstallResult:
 
     installer: str
     seconds: float
-    packages: Tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
 
 
 def install_requirements(request: InstallRequest, log: Callable[[str], None]) -> InstallResult:
@@ -109,7 +110,7 @@ def install_requirements(request: InstallRequest, log: Callable[[str], None]) ->
     from trainenv.install.requirements import clean_extras, read_requirements
 
     started = time.monotonic()
-    mode = installer_mode(request.env)
+    mode = request.installer or installer_mode(request.env)
     extras = clean_extras(request.extra_requirements)
     text, wanted = read_requirements(request.requirements_file, extras)
     if not wanted:
@@ -152,13 +153,13 @@ def install_requirements(request: InstallRequest, log: Callable[[str], None]) ->
 def _install(
     request: InstallRequest,
     python: str,
-    text: Optional[bytes],
-    extras: Tuple[str, ...],
+    text: bytes | None,
+    extras: tuple[str, ...],
     mode: str,
     log: Callable[[str], None],
     started: float,
     stops: StopSignals,
-) -> Tuple[InstallResult, dict]:
+) -> tuple[InstallResult, dict]:
     """Run the installer (with fallback and retry); the result and the target's probe info."""
     import os
 
@@ -232,7 +233,7 @@ def _install(
     return InstallResult(installer, seconds, packages), info
 
 
-def _run(installer: str, argv: List[str], cwd: str, env: Mapping[str, str], secrets: List[str],
+def _run(installer: str, argv: list[str], cwd: str, env: Mapping[str, str], secrets: list[str],
          log: Callable[[str], None], stops: StopSignals) -> Attempt:
     """One run of the installer: its output read into an ``Attempt`` and logged as it comes."""
     from trainenv.install.report import Attempt
