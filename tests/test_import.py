@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+import support
+
 HEAVY = ("click", "yaml", "psutil", "pynvml")
 HOT_PATH = (
     "trainenv",
@@ -145,3 +147,40 @@ def test_import_under_strace_opens_only_python_files(tmp_path):
     for call in ("creat", "mkdir", "mkdirat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "fork", "vfork"):
         assert call not in calls, [line for line in lines if line.split()[1].startswith(call + "(")]
     assert list(cwd.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# typing: annotations only need it under TYPE_CHECKING, so the start paths never import it
+
+
+def imported_modules(stderr: str) -> set:
+    """The modules ``python -X importtime`` reported importing, from its stderr."""
+    return {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_train_start_path_imports_no_typing_and_no_heavy_module(tmp_path):
+    base = support.make_tree(tmp_path / "job", code={"train.py": "print('trained')\n"})
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "trainenv", "train"],
+        env=support.job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trained" in result.stdout
+    modules = imported_modules(result.stderr)
+    assert {"trainenv.runner", "trainenv.supervisor", "trainenv.plan"} <= modules
+    assert modules & {"typing", *HEAVY} == set()
+
+
+def test_serving_start_path_imports_no_typing(tmp_path):
+    base = support.make_base(tmp_path, "def model_fn(model_dir):\n    return None\n\ndef predict_fn(data, model):\n    return data\n")
+    server = support.Server(base, {}, argv=[sys.executable, "-X", "importtime", "-m", "trainenv.serving"])
+    try:
+        server.wait_ready()
+        status, _, body = server.post(b'{"x": [1, 2]}')
+        assert (status, json.loads(body)) == (200, {"x": [1, 2]})
+    finally:
+        assert server.stop() == 0
+    modules = imported_modules(server.log)
+    assert {"trainenv.serving.app", "trainenv.serving.servers.stdlib", "trainenv.serving.handler"} <= modules
+    assert "typing" not in modules

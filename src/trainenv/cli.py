@@ -21,7 +21,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Optional, Sequence
+    from typing import Any, Sequence
 
 
 def build_cli() -> Any:
@@ -90,9 +90,9 @@ def build_cli() -> Any:
                 from trainenv.environment import serving_env
                 from trainenv.settings.serving import serving_variables
 
-                snapshot = serving_env()
-                variables = serving_variables(snapshot) if fmt == "shell" else None
-                data = snapshot.to_dict()
+                serving_snapshot = serving_env()
+                variables = serving_variables(serving_snapshot) if fmt == "shell" else None
+                data = serving_snapshot.to_dict()
             else:
                 from trainenv.plan import read_plan
 
@@ -126,8 +126,8 @@ def build_cli() -> Any:
                   help="A new or empty dir to lay the job out in [default: a fresh ./trainenv-jobs/<UTC time>-<pid>].")
     @click.option("--dry-run", is_flag=True, help="Lay out the job tree, print the launch plan, run nothing.")
     @setting_options
-    def local(source_dir: Optional[str], inputs: Sequence[str], hps: Sequence[str], hps_file: Optional[str],
-              job_dir: Optional[str], dry_run: bool, **flags: Any) -> None:
+    def local(source_dir: str | None, inputs: Sequence[str], hps: Sequence[str], hps_file: str | None,
+              job_dir: str | None, dry_run: bool, **flags: Any) -> None:
         """Run a job on this machine, no container needed, with the same launch sequence.
 
         Each run gets a job dir of its own (its path is printed): two runs never share a file.
@@ -181,7 +181,7 @@ def build_cli() -> Any:
     return cli
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["train"]:
         # The ENTRYPOINT path: no options to parse, so no click to import.

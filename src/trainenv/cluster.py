@@ -107,7 +107,7 @@ from collections.abc import Mapping
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Optional, Sequence, Tuple
+    from typing import Any, Callable, Sequence
 
 from trainenv.cluster_values import (
     check_sparse,
@@ -143,14 +143,14 @@ _STATIC_RDZV = ("", "static")
 class Cluster(SnapshotMapping):
     """The nodes of the job and this node's place among them (a read-only mapping)."""
 
-    hosts: Tuple[str, ...]
+    hosts: tuple[str, ...]
     current_host: str
-    node_rank: Optional[int]
+    node_rank: int | None
     num_nodes: int
     master_addr: str
-    master_port: Optional[int]
-    network_interface: Optional[str]
-    nproc_per_node: Optional[int]
+    master_port: int | None
+    network_interface: str | None
+    nproc_per_node: int | None
     source: str
 
     def __post_init__(self) -> None:
@@ -198,7 +198,7 @@ def discover_cluster(
     """
     if not isinstance(hostname, str) or not is_host_name(hostname):
         raise ConfigError.at("hostname", None, f"{show(hostname)} is not a usable host name")
-    readers: Sequence[Callable[[], Optional[Cluster]]] = (
+    readers: Sequence[Callable[[], Cluster | None]] = (
         lambda: _from_trainenv(environ, settings, settings_source, hostname),
         lambda: _from_resource_config(environ, resource_config, resource_config_source),
         lambda: _from_task_cluster(environ, "TF_CONFIG", _TF_TRAINING, _TF_SUPPORT),
@@ -231,11 +231,11 @@ def _from_trainenv(
     settings: Mapping[str, Any] | None,
     settings_source: str,
     hostname: str,
-) -> Optional[Cluster]:
+) -> Cluster | None:
     settings = {} if settings is None else settings
     if not isinstance(settings, Mapping):
         raise ConfigError.at(settings_source, None, f"{show(settings)} is not a mapping of settings")
-    hosts: Optional[Tuple[str, ...]] = None
+    hosts: tuple[str, ...] | None = None
     hosts_from = ""
     raw = read_var(environ, "TRAINENV_HOSTS")
     if raw is not None:
@@ -255,7 +255,7 @@ def _from_trainenv(
     no_duplicates(hosts, hosts_from, None)
 
     current = read_var(environ, "TRAINENV_CURRENT_HOST")
-    where: tuple = ("TRAINENV_CURRENT_HOST", None)
+    where: tuple[str, str | None] = ("TRAINENV_CURRENT_HOST", None)
     if current is None and settings.get("current_host") is not None:
         current = settings["current_host"]
         where = (settings_source, "current_host")
@@ -273,7 +273,7 @@ def _from_trainenv(
 
 def _from_resource_config(
     environ: Mapping[str, str], config: Mapping[str, Any] | None, source: str
-) -> Optional[Cluster]:
+) -> Cluster | None:
     if config is None:
         return None
     if not isinstance(config, Mapping):
@@ -301,7 +301,7 @@ def _from_resource_config(
 
 
 def _listed_cluster(
-    environ: Mapping[str, str], hosts: Tuple[str, ...], current: str, nic: Optional[str], source: str
+    environ: Mapping[str, str], hosts: tuple[str, ...], current: str, nic: str | None, source: str
 ) -> Cluster:
     """A cluster from an explicit host list: node 0 is the first host."""
     return Cluster(
@@ -320,9 +320,9 @@ def _listed_cluster(
 def _from_task_cluster(
     environ: Mapping[str, str],
     name: str,
-    training: Tuple[str, ...],
-    support: Tuple[str, ...],
-) -> Optional[Cluster]:
+    training: tuple[str, ...],
+    support: tuple[str, ...],
+) -> Cluster | None:
     """TF_CONFIG and Vertex's CLUSTER_SPEC: ``{"cluster": {type: [addr]}, "task": {type, index}}``."""
     raw = read_var(environ, name)
     if raw is None:
@@ -340,7 +340,7 @@ def _from_task_cluster(
         raise ConfigError.at(name, "cluster", f"{show(cluster)} is not a JSON object")
     task_type, index = _task(config, name, training + support)
 
-    lists: dict = {}
+    lists: dict[str, list[str]] = {}
     sparse = False
     for job in training + support:
         if job not in cluster:
@@ -379,7 +379,7 @@ def _from_task_cluster(
 
     own_host = host_of_entry(lists[task_type][index], name, f"cluster.{task_type}[{index}]")
     if task_type in support:
-        nodes: Tuple[str, ...] = (own_host,)
+        nodes: tuple[str, ...] = (own_host,)
         rank = 0
     else:
         nodes = tuple(
@@ -401,7 +401,7 @@ def _from_task_cluster(
     )
 
 
-def _task(config: Mapping[str, Any], name: str, known: Tuple[str, ...]) -> Tuple[str, int]:
+def _task(config: Mapping[str, Any], name: str, known: tuple[str, ...]) -> tuple[str, int]:
     task = config.get("task")
     if not isinstance(task, dict):
         raise ConfigError.at(name, "task", f"{show(task)} is not a JSON object with type and index")
@@ -416,7 +416,7 @@ def _task(config: Mapping[str, Any], name: str, known: Tuple[str, ...]) -> Tuple
     return task_type, index
 
 
-def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
+def _from_pet(environ: Mapping[str, str], hostname: str) -> Cluster | None:
     nnodes_raw = read_var(environ, "PET_NNODES")
     rank_raw = read_var(environ, "PET_NODE_RANK")
     if nnodes_raw is None and rank_raw is None:
@@ -425,7 +425,7 @@ def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
         raise ConfigError.at("PET_NNODES", None, "is not set, but PET_NODE_RANK is")
     low, num_nodes = nnodes(nnodes_raw)
     backend = (read_var(environ, "PET_RDZV_BACKEND") or "").lower()
-    rank: Optional[int]
+    rank: int | None
     if rank_raw is not None:
         rank = non_negative_int(rank_raw, "PET_NODE_RANK")
         if rank >= num_nodes:
@@ -467,7 +467,7 @@ def _from_pet(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
     )
 
 
-def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Optional[Cluster]:
+def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Cluster | None:
     addr, rank_raw, size_raw = (read_var(environ, k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE"))
     if addr is None or rank_raw is None or size_raw is None:
         return None

@@ -14,7 +14,7 @@ import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Optional, Sequence, Tuple
+    from typing import Any, Sequence
 
 from trainenv.errors import ConfigError, shown
 from trainenv.redact import redact_urls
@@ -25,7 +25,7 @@ MAX_PORT = 65535
 MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
 
 
-def read_var(environ: Mapping[str, str], name: str) -> Optional[str]:
+def read_var(environ: Mapping[str, str], name: str) -> str | None:
     """The variable's value stripped, or ``None`` when unset or blank."""
     value = environ.get(name)
     if value is None:
@@ -64,7 +64,7 @@ def non_negative_int(raw: str, name: str) -> int:
     return int(raw)
 
 
-def platform_master_port(environ: Mapping[str, str], names: Tuple[str, ...]) -> Optional[int]:
+def platform_master_port(environ: Mapping[str, str], names: tuple[str, ...]) -> int | None:
     for name in names:
         raw = read_var(environ, name)
         if raw is not None:
@@ -76,8 +76,8 @@ def platform_master_port(environ: Mapping[str, str], names: Tuple[str, ...]) -> 
 
 
 def platform_nproc_per_node(
-    environ: Mapping[str, str], names: Tuple[str, ...] = ("PET_NPROC_PER_NODE", "NPROC_PER_NODE")
-) -> Optional[int]:
+    environ: Mapping[str, str], names: tuple[str, ...] = ("PET_NPROC_PER_NODE", "NPROC_PER_NODE")
+) -> int | None:
     for name in names:
         raw = read_var(environ, name)
         if raw is None:
@@ -95,13 +95,13 @@ def is_host_name(text: str) -> bool:
     return bool(text) and not any(c.isspace() or c == "\0" for c in text)
 
 
-def host_name(value: Any, source: str, key: Optional[str]) -> str:
+def host_name(value: Any, source: str, key: str | None) -> str:
     if not isinstance(value, str) or not is_host_name(value):
         raise ConfigError.at(source, key, f"{show(value)} is not a host name")
     return value
 
 
-def host_of_entry(value: Any, source: str, key: Optional[str]) -> str:
+def host_of_entry(value: Any, source: str, key: str | None) -> str:
     """``host``, ``host:port`` or ``[v6]:port`` -> host; a bare IPv6 address is kept."""
     entry = host_name(value, source, key)
     if entry.startswith("["):
@@ -118,7 +118,7 @@ def host_of_entry(value: Any, source: str, key: Optional[str]) -> str:
     return entry
 
 
-def host_list(value: Any, source: str, key: Optional[str]) -> Tuple[str, ...]:
+def host_list(value: Any, source: str, key: str | None) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)):
         raise ConfigError.at(source, key, f"{show(value)} is not a list of host names")
     if not value:
@@ -126,16 +126,16 @@ def host_list(value: Any, source: str, key: Optional[str]) -> Tuple[str, ...]:
     return tuple(host_name(host, source, f"{key or ''}[{i}]") for i, host in enumerate(value))
 
 
-def no_duplicates(items: Sequence[str], source: str, key: Optional[str]) -> None:
-    seen: set = set()
+def no_duplicates(items: Sequence[str], source: str, key: str | None) -> None:
+    seen: set[str] = set()
     for item in items:
         if item in seen:
             raise ConfigError.at(source, key, f"{show(item)} is listed twice")
         seen.add(item)
-def instance_group_hosts(groups: Any, source: str) -> Tuple[str, ...]:
+def instance_group_hosts(groups: Any, source: str) -> tuple[str, ...]:
     if not isinstance(groups, list) or not groups:
         raise ConfigError.at(source, "instance_groups", f"{show(groups)} is not a list of groups")
-    hosts: list = []
+    hosts: list[str] = []
     for i, group in enumerate(groups):
         key = f"instance_groups[{i}].hosts"
         if not isinstance(group, Mapping) or "hosts" not in group:
@@ -162,7 +162,7 @@ def check_sparse(sparse: Any, name: str, key: str) -> None:
             raise ConfigError.at(name, where, f"{show(entries)} is not a list or an index map")
 
 
-def nnodes(raw: str) -> Tuple[int, int]:
+def nnodes(raw: str) -> tuple[int, int]:
     """``N`` -> (N, N); ``MIN:MAX`` -> (MIN, MAX)."""
     parts = raw.split(":")
     if len(parts) > 2 or not all(DIGITS.fullmatch(p.strip()) for p in parts):

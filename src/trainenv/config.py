@@ -28,7 +28,9 @@ import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Iterable, Optional, Tuple
+    from typing import Any, Iterable
+
+    from yaml import Node, SafeLoader
 
 from trainenv.errors import ConfigError, shown
 
@@ -49,7 +51,7 @@ PLATFORM_HP_PREFIXES = ("sagemaker_",)
 PLATFORM_HP_NAMES = frozenset({"_tuning_objective_metric"})
 
 
-def read_bytes(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Optional[bytes]:
+def read_bytes(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
     """The file's bytes, ``None`` if it does not exist; a ConfigError if unreadable or too big."""
     try:
         with open(path, "rb") as handle:
@@ -74,8 +76,8 @@ def decode_text(path: Path, data: bytes) -> str:
         raise ConfigError.at(path, None, f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})") from None
 
 
-def _reject_duplicates(pairs: list) -> dict:
-    result: dict = {}
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
             raise _DuplicateKey(key)
@@ -121,7 +123,7 @@ class _BadNumber:
     pass
 
 
-def _locate_bad_number(text: str) -> Optional[str]:
+def _locate_bad_number(text: str) -> str | None:
     """The key path of the first NaN, Infinity, out-of-range or over-long number, if found."""
 
     def number(kind: type) -> Any:
@@ -139,7 +141,7 @@ def _locate_bad_number(text: str) -> Optional[str]:
     except (ValueError, RecursionError):
         return None
 
-    def find(value: Any, where: str) -> Optional[str]:
+    def find(value: Any, where: str) -> str | None:
         if isinstance(value, _BadNumber):
             return where or "(top level)"
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
@@ -201,7 +203,7 @@ def check_launchable(source: object, key: object, value: Any) -> None:
             check_launchable(source, key, inner)
 
 
-def read_json_object(path: Path) -> Optional[dict]:
+def read_json_object(path: Path) -> dict[str, Any] | None:
     """A JSON file whose top level must be an object; ``None`` when the file is absent."""
     data = read_bytes(path)
     if data is None:
@@ -249,15 +251,15 @@ def is_platform_hyperparameter(name: str) -> bool:
     return name in PLATFORM_HP_NAMES or name.startswith(PLATFORM_HP_PREFIXES)
 
 
-def read_hyperparameters(path: Path) -> Tuple[dict, dict]:
+def read_hyperparameters(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(user hyperparameters, platform parameters)`` in file order, values decoded.
 
     Platform parameters are the ``sagemaker_*`` keys (and ``_tuning_objective_metric``) that a
     platform adds for itself; they are kept apart so they never reach the script's argv.
     """
     raw = read_json_object(path) or {}
-    user: dict = {}
-    platform: dict = {}
+    user: dict[str, Any] = {}
+    platform: dict[str, Any] = {}
     for name, value in raw.items():
         check_hyperparameter_name(path, name)
         check_launchable(path, name, value)
@@ -280,7 +282,7 @@ def check_channel_name(source: object, name: object) -> str:
     return name
 
 
-def read_input_data_config(path: Path) -> dict:
+def read_input_data_config(path: Path) -> dict[str, Any]:
     """``{channel: {ContentType, TrainingInputMode, ...}}``; empty when the file is absent."""
     raw = read_json_object(path) or {}
     for name, value in raw.items():
@@ -291,7 +293,7 @@ def read_input_data_config(path: Path) -> dict:
     return raw
 
 
-def read_resource_config(path: Path) -> Optional[dict]:
+def read_resource_config(path: Path) -> dict[str, Any] | None:
     """SageMaker's ``{current_host, hosts, network_interface_name, ...}``; ``None`` if absent."""
     value = read_json_object(path)
     if value is not None:
@@ -300,7 +302,7 @@ def read_resource_config(path: Path) -> Optional[dict]:
     return value
 
 
-def list_channel_dirs(data_dir: Path) -> list:
+def list_channel_dirs(data_dir: Path) -> list[str]:
     """Names of the directories directly below ``input/data`` (sorted), each validated.
 
     A link to a directory is a channel; a dangling link or a symlink loop is not one (and is
@@ -318,7 +320,7 @@ def list_channel_dirs(data_dir: Path) -> list:
     return sorted(names)
 
 
-def is_dir_entry(entry: os.DirEntry) -> bool:
+def is_dir_entry(entry: os.DirEntry[str]) -> bool:
     """A directory, or a link that resolves to one; ``False`` for a symlink loop or dangling link."""
     try:
         return entry.is_dir()
@@ -335,7 +337,7 @@ class _OverLimit(Exception):
     """A ``trainenv.yaml`` past one of the loader's bounds: ``(problem, line)``."""
 
 
-def _bounded_loader(yaml: Any) -> type:
+def _bounded_loader() -> type[SafeLoader]:
     """PyYAML's ``SafeLoader``, bounded while it composes, before anything is constructed.
 
     It keeps a running count of the values the document stands for once aliases are expanded
@@ -343,21 +345,22 @@ def _bounded_loader(yaml: Any) -> type:
     past ``MAX_YAML_NODES`` or ``MAX_DEPTH``, or on an alias to a node that contains it,
     loading stops at once. Composing reads each alias once, so memory stays small.
     """
+    import yaml
 
     class BoundedLoader(yaml.SafeLoader):
         def __init__(self, stream: str) -> None:
             super().__init__(stream)
             self.composing = 0
             self.values = 0  # values so far, aliases expanded
-            self.extent: dict = {}  # id(node) -> (values once expanded, levels)
+            self.extent: dict[int, tuple[int, int]] = {}  # id(node) -> (values once expanded, levels)
 
         def count(self, values: int, line: int) -> None:
             self.values += values
             if self.values > MAX_YAML_NODES:
                 raise _OverLimit(f"more than {MAX_YAML_NODES} values once its aliases are expanded (the limit for trainenv.yaml)", line)
 
-        def compose_node(self, parent: Any, index: Any) -> Any:
-            event = self.peek_event()
+        def compose_node(self, parent: Node | None, index: Any) -> Node | None:
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent):
                 target = self.anchors.get(event.anchor)
@@ -372,7 +375,7 @@ def _bounded_loader(yaml: Any) -> type:
                 raise _OverLimit(TOO_DEEP, line)
             node = super().compose_node(parent, index)
             self.composing -= 1
-            children: list = []
+            children: list[Node] = []
             if isinstance(node, yaml.SequenceNode):
                 children = node.value
             elif isinstance(node, yaml.MappingNode):
@@ -388,10 +391,12 @@ def _bounded_loader(yaml: Any) -> type:
     return BoundedLoader
 
 
-def _yaml_culprit(yaml: Any, text: str) -> Optional[str]:
+def _yaml_culprit(text: str) -> str | None:
     """``key (line N)`` of the first top-level value PyYAML cannot construct, if it can tell."""
     try:
-        loader = _bounded_loader(yaml)(text)
+        import yaml
+
+        loader = _bounded_loader()(text)
         try:
             node = loader.get_single_node()
             pairs = node.value if isinstance(node, yaml.MappingNode) else []
@@ -407,7 +412,7 @@ def _yaml_culprit(yaml: Any, text: str) -> Optional[str]:
     return None
 
 
-def read_file_settings(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
+def read_file_settings(paths: Iterable[Path]) -> tuple[dict[str, Any], Path | None]:
     """The launch settings of the first ``trainenv.yaml`` that exists, as a mapping, and its path.
 
     ``({}, None)`` when there is none; PyYAML is imported only when there is one.
@@ -420,7 +425,7 @@ def read_file_settings(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
         import yaml  # deferred: only jobs that have a trainenv.yaml pay for it
 
         try:
-            value = yaml.load(text, Loader=_bounded_loader(yaml))  # noqa: S506 - a SafeLoader
+            value = yaml.load(text, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader
         except _OverLimit as exc:
             problem, line = exc.args
             raise ConfigError.at(path, f"line {line}", problem) from None
@@ -433,7 +438,7 @@ def read_file_settings(paths: Iterable[Path]) -> Tuple[dict, Optional[Path]]:
             raise ConfigError.at(path, None, TOO_DEEP) from None
         except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError) as exc:
             # PyYAML's constructors raise these for values like `2020-13-45` or `!!bool maybe`.
-            raise ConfigError.at(path, _yaml_culprit(yaml, text), f"invalid YAML value ({type(exc).__name__}: {str(exc)[:60]})") from None
+            raise ConfigError.at(path, _yaml_culprit(text), f"invalid YAML value ({type(exc).__name__}: {str(exc)[:60]})") from None
         if value is None:
             return {}, path
         if not isinstance(value, dict):

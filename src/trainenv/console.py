@@ -10,7 +10,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable
+    from typing import Iterable, Mapping, TextIO
 
 from trainenv.redact import redact_text
 
@@ -20,7 +20,7 @@ _LEVELS = {"quiet": 0, "info": 1, "debug": 2}
 class Console:
     """Writes trainenv's messages; every line goes through ``redact_text``."""
 
-    def __init__(self, level: str = "info", secrets: Iterable[str] = (), stream=None) -> None:
+    def __init__(self, level: str = "info", secrets: Iterable[str] = (), stream: TextIO | None = None) -> None:
         self.level = _LEVELS.get(level.lower(), 1)
         self.secrets = tuple(secrets)
         self.stream = stream if stream is not None else sys.stderr
@@ -46,5 +46,5 @@ class Console:
         self._write(text)
 
 
-def console_for(environ=os.environ, secrets: Iterable[str] = ()) -> Console:
+def console_for(environ: Mapping[str, str] = os.environ, secrets: Iterable[str] = ()) -> Console:
     return Console(environ.get("TRAINENV_LOG_LEVEL", "info"), secrets)

@@ -10,7 +10,6 @@ instead of probing again. Building a snapshot reads files and never writes anyth
 
 from __future__ import annotations
 
-import json
 import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up

@@ -46,7 +46,7 @@ class ConfigError(TrainenvError, ValueError):
     exit_code = EXIT_CONFIG
 
     @classmethod
-    def at(cls, source: object, key: str | None, problem: str) -> "ConfigError":
+    def at(cls, source: object, key: str | None, problem: str) -> ConfigError:
         """``<source>: <key>: <problem>``, e.g. ``/ml/input/config/hyperparameters.json: lr: ...``."""
         where = f"{source}: {key}" if key else f"{source}"
         return cls(f"{where}: {problem}")

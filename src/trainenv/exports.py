@@ -52,10 +52,9 @@ from trainenv.errors import ConfigError
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Iterable, Mapping, Optional, Sequence
+    from typing import Any, Iterable, Mapping, Sequence
 
-    # A TrainingEnv (trainenv.environment builds it and imports this module; this module only reads it).
-    TrainingEnv = Any
+    from trainenv.environment import TrainingEnv
 
 MAX_VAR_BYTES = 32 * 1024  # one NAME=value, and one argument value
 MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argv or environment string, NUL included
@@ -78,10 +77,10 @@ def normalize(name: str) -> str:
     return _NOT_NAME.sub("_", name.upper())
 
 
-def normalized_names(names: Iterable[str], what: str, source: object = None) -> dict:
+def normalized_names(names: Iterable[str], what: str, source: object = None) -> dict[str, str]:
     """``{name: NORMALIZED}``; a ConfigError when two names normalize to the same thing."""
-    seen: dict = {}
-    result: dict = {}
+    seen: dict[str, str] = {}
+    result: dict[str, str] = {}
     for name in names:
         key = normalize(name)
         if key in seen:
@@ -94,7 +93,7 @@ def normalized_names(names: Iterable[str], what: str, source: object = None) -> 
     return result
 
 
-def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple:
+def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple[str, ...]:
     """``"pai,sagemaker"`` → ``("pai", "sagemaker")``; ``"none"`` → ``()``."""
     parts = [p.strip().lower() for p in value.split(",") if p.strip()]
     if parts == ["none"]:
@@ -127,9 +126,9 @@ def cmd_value(value: Any) -> str:
     return value if isinstance(value, str) else to_json(value)
 
 
-def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list:
+def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list[str]:
     """``--name value`` per hyperparameter, in the file's order; each value one argv element."""
-    args: list = []
+    args: list[str] = []
     for name, value in hyperparameters.items():
         args.append(f"--{name}")
         args.append(cmd_value(value))
@@ -142,13 +141,13 @@ def _text(value: Any, source: str, key: str) -> str:
     return value
 
 
-def _texts(value: Any, source: str, key: str) -> list:
+def _texts(value: Any, source: str, key: str) -> list[str]:
     if not isinstance(value, list):
         raise ConfigError.at(source, key, f"must be a list of strings, got {type(value).__name__}")
     return [_text(item, source, key) for item in value]
 
 
-def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str], training_job_name: Optional[str]) -> dict:
+def _sagemaker_vars(env: TrainingEnv, entry_point: str | None, training_job_name: str | None) -> dict[str, str]:
     """The ``SM_*`` names AWS's toolkit writes (its ``Environment.to_env_vars``).
 
     ``training_job_name`` is the platform's ``TRAINING_JOB_NAME``: AWS's ``job_name`` is that
@@ -278,7 +277,7 @@ def _sagemaker_vars(env: "TrainingEnv", entry_point: Optional[str], training_job
     return {name: env_value(value) for name, value in out.items()}
 
 
-def _pai_vars(env: "TrainingEnv") -> dict:
+def _pai_vars(env: TrainingEnv) -> dict[str, str]:
     hps = env.hyperparameters
     out = {
         # PAI writes every value as a string (conventions §1.1, §5.3).
@@ -296,11 +295,11 @@ def _pai_vars(env: "TrainingEnv") -> dict:
     return out
 
 
-def _worker_addresses(env: "TrainingEnv") -> list:
+def _worker_addresses(env: TrainingEnv) -> list[str]:
     return [f"{host}:{TF_CONFIG_PORT}" for host in env.hosts]
 
 
-def _vertex_vars(env: "TrainingEnv") -> dict:
+def _vertex_vars(env: TrainingEnv) -> dict[str, str]:
     out = {
         "AIP_MODEL_DIR": env.model_dir,
         "AIP_CHECKPOINT_DIR": env.checkpoint_dir,
@@ -322,7 +321,7 @@ def _vertex_vars(env: "TrainingEnv") -> dict:
     return out
 
 
-def cluster_env_vars(env: "TrainingEnv", nproc_per_node: int, master_port: Optional[int]) -> dict:
+def cluster_env_vars(env: TrainingEnv, nproc_per_node: int, master_port: int | None) -> dict[str, str]:
     """Node-level names for several nodes (torchrun, Kubeflow, TF); empty on one node."""
     if env.num_nodes <= 1:
         return {}
@@ -353,7 +352,7 @@ def cluster_env_vars(env: "TrainingEnv", nproc_per_node: int, master_port: Optio
     return out
 
 
-def trainenv_vars(env: "TrainingEnv") -> dict:
+def trainenv_vars(env: TrainingEnv) -> dict[str, str]:
     hps = env.hyperparameters
     out = {
         "TRAINENV_BASE_DIR": env.base_dir,
@@ -393,7 +392,7 @@ def entry_bytes(name: str, value: str) -> int:
     return len(name) + len(value.encode("utf-8", "surrogateescape")) + 2 + 8
 
 
-def cap_sizes(values: Mapping[str, str], total_budget: int = DEFAULT_TOTAL_BUDGET) -> dict:
+def cap_sizes(values: Mapping[str, str], total_budget: int = DEFAULT_TOTAL_BUDGET) -> dict[str, str]:
     """Drop every variable over the per-variable cap, then the largest until the total fits.
 
     The dropped names are listed in ``TRAINENV_OMITTED``; their values stay in the snapshot file.
@@ -418,25 +417,25 @@ def cap_sizes(values: Mapping[str, str], total_budget: int = DEFAULT_TOTAL_BUDGE
     return kept
 
 
-def _omitted_value(omitted: list) -> str:
+def _omitted_value(omitted: list[str]) -> str:
     value = to_json(omitted)
     return value if fits(OMITTED_NAME, value) else to_json(omitted[:100] + ["..."])
 
 
-def _omitted_bytes(omitted: list) -> int:
+def _omitted_bytes(omitted: list[str]) -> int:
     return entry_bytes(OMITTED_NAME, _omitted_value(omitted)) if omitted else entry_bytes(OMITTED_NAME, "[]") + 64
 
 
 def to_env_vars(
-    env: "TrainingEnv",
+    env: TrainingEnv,
     compat: Sequence[str] = DEFAULT_COMPAT,
     *,
-    nproc_per_node: Optional[int] = None,
-    master_port: Optional[int] = None,
-    entry_point: Optional[str] = None,
-    training_job_name: Optional[str] = None,
+    nproc_per_node: int | None = None,
+    master_port: int | None = None,
+    entry_point: str | None = None,
+    training_job_name: str | None = None,
     total_budget: int = DEFAULT_TOTAL_BUDGET,
-) -> dict:
+) -> dict[str, str]:
     """The snapshot as environment variables (see the module docstring for the name sets).
 
     ``entry_point`` (as configured) and ``training_job_name`` (the platform's
@@ -473,7 +472,7 @@ def arg_bytes(arg: str) -> int:
     return len(arg.encode("utf-8", "surrogateescape")) + 1 + 8
 
 
-def cap_args(args: Sequence[str], budget: int) -> tuple:
+def cap_args(args: Sequence[str], budget: int) -> tuple[tuple[str, ...], tuple[str, ...], int]:
     """``(kept args, left-out names, kept bytes)`` for ``--name value`` pairs (``to_cmd_args``).
 
     A pair whose value is over ``MAX_VAR_BYTES`` is left out, then the largest until the rest

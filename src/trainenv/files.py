@@ -6,12 +6,10 @@ import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Union
-
-    PathLike = Union[str, "os.PathLike[str]"]
+    from os import PathLike
 
 
-def write_atomic(path: PathLike, text: str, mode: int = 0o644) -> None:
+def write_atomic(path: str | PathLike[str], text: str, mode: int = 0o644) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file beside it and ``os.replace``.
 
     A reader sees the old content or the new one, never half a file. ``mode`` is the new

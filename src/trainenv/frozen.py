@@ -31,12 +31,17 @@ from pathlib import PurePath
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Iterator, Tuple, TypeVar
+    from typing import Any, ClassVar, Iterator, NoReturn, TypeVar
 
     from typing_extensions import dataclass_transform
 
     _T = TypeVar("_T")
+    # The bases as type checkers see them; at run time the plain (unsubscripted) classes.
+    _DictBase = dict[Any, Any]
+    _ListBase = list[Any]
+    _MappingBase = Mapping[str, Any]
 else:
+    _DictBase, _ListBase, _MappingBase = dict, list, Mapping
 
     def dataclass_transform(**_: object) -> object:
         """At run time a no-op: the decorator only informs type checkers."""
@@ -52,8 +57,8 @@ class FrozenRecordError(AttributeError):
 @dataclass_transform(frozen_default=True)
 def frozen(cls: type[_T]) -> type[_T]:
     """Make ``cls`` a frozen record (see the module docstring)."""
-    names: list = []
-    defaults: dict = {}
+    names: list[str] = []
+    defaults: dict[str, Any] = {}
     for base in reversed(cls.__mro__[1:]):
         for name in getattr(base, "_fields", ()):
             if name not in names:
@@ -66,8 +71,8 @@ def frozen(cls: type[_T]) -> type[_T]:
             names.append(name)
         if name in cls.__dict__:
             defaults[name] = cls.__dict__[name]
-    cls._fields = tuple(names)
-    cls._defaults = defaults
+    setattr(cls, "_fields", tuple(names))
+    setattr(cls, "_defaults", defaults)
     for method in (_init, _setattr, _delattr, _repr, _eq, _hash):
         dunder = method.__name__.replace("_", "__", 1) + "__"
         if dunder not in cls.__dict__:  # a method the class writes itself wins
@@ -111,12 +116,12 @@ def _repr(self: Any) -> str:
     return f"{type(self).__name__}({shown})"
 
 
-def _values(self: Any) -> tuple:
+def _values(self: Any) -> tuple[Any, ...]:
     ignored = getattr(type(self), "_not_compared", ())
     return tuple(getattr(self, n) for n in type(self)._fields if n not in ignored)
 
 
-def _eq(self: Any, other: Any) -> Any:
+def _eq(self: Any, other: object) -> object:
     if type(other) is not type(self):
         return NotImplemented
     return _values(self) == _values(other)
@@ -126,9 +131,10 @@ def _hash(self: Any) -> int:
     return hash(_values(self))
 
 
-def fields(record: Any) -> Tuple[str, ...]:
+def fields(record: Any) -> tuple[str, ...]:
     """The field names of a record or record class, in order."""
-    return record._fields
+    names: tuple[str, ...] = record._fields
+    return names
 
 
 def replace(record: Any, **changes: Any) -> Any:
@@ -152,27 +158,27 @@ def plain(value: Any) -> Any:
     return value
 
 
-class FrozenDict(dict):
+class FrozenDict(_DictBase):
     """A ``dict`` that refuses every change: read-only like a mapping proxy, yet ``json.dumps`` takes it."""
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("snapshot mappings are read-only")
 
-    __setitem__ = __delitem__ = __ior__ = _refuse  # type: ignore[assignment]
-    clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __ior__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
 
     def __reduce__(self) -> Any:
         return (FrozenDict, (dict(self),))
 
 
-class FrozenList(list):
+class FrozenList(_ListBase):
     """A ``list`` that refuses every change; equal to the same plain list, and JSON-ready."""
 
-    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("snapshot lists are read-only")
 
-    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
-    append = extend = insert = pop = remove = clear = sort = reverse = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __iadd__ = __imul__ = _refuse
+    append = extend = insert = pop = remove = clear = sort = reverse = _refuse
 
     def __reduce__(self) -> Any:
         return (FrozenList, (list(self),))
@@ -187,8 +193,10 @@ def deep_freeze(value: Any) -> Any:
     return value
 
 
-class SnapshotMapping(Mapping):
+class SnapshotMapping(_MappingBase):
     """Mixin for frozen records: a read-only mapping over their fields."""
+
+    _fields: ClassVar[tuple[str, ...]]  # set by ``@frozen``
 
     def __getitem__(self, key: str) -> Any:
         if key in self._field_names():
@@ -202,10 +210,10 @@ class SnapshotMapping(Mapping):
         return len(self._field_names())
 
     @classmethod
-    def _field_names(cls) -> tuple:
-        return cls._fields  # type: ignore[attr-defined]
+    def _field_names(cls) -> tuple[str, ...]:
+        return cls._fields
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {name: plain(getattr(self, name)) for name in self._field_names()}
 
     def to_json(self, indent: int | None = None) -> str:

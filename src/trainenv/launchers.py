@@ -110,7 +110,7 @@ from trainenv.frozen import FrozenDict, frozen
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Collection, Dict, List, Mapping, Optional, Sequence, Tuple
+    from typing import Collection, Mapping, Sequence
 
     from trainenv.environment import TrainingEnv
     from trainenv.settings import LaunchSettings
@@ -146,14 +146,14 @@ class EntryPoint:
 class Launch:
     """What runs on this node, and what has to happen before (see the module docstring)."""
 
-    argv: Tuple[str, ...]
+    argv: tuple[str, ...]
     env: Mapping[str, str] = FrozenDict()  # TRAINENV_* always set; others only when absent
-    hostfile: Optional[str] = None  # written by the runner before launching
-    hostfile_text: Optional[str] = None
-    peers: Tuple[Tuple[str, int], ...] = ()  # (host, port) to wait for before launching
+    hostfile: str | None = None  # written by the runner before launching
+    hostfile_text: str | None = None
+    peers: tuple[tuple[str, int], ...] = ()  # (host, port) to wait for before launching
 
 
-def entry_argv(entry: EntryPoint, python: str, args: Tuple[str, ...]) -> Tuple[str, ...]:
+def entry_argv(entry: EntryPoint, python: str, args: tuple[str, ...]) -> tuple[str, ...]:
     """The argv of one process of the job (see the table above)."""
     if entry.kind == "script":
         return (python, entry.target, *args)
@@ -177,11 +177,11 @@ def endpoint(host: str, port: int) -> str:
 
 
 def plan_launch(
-    env: "TrainingEnv",
-    settings: "LaunchSettings",
+    env: TrainingEnv,
+    settings: LaunchSettings,
     entry: EntryPoint,
     python: str,
-    args: Tuple[str, ...],
+    args: tuple[str, ...],
     nproc: int,
     port: int,
     directory: str,
@@ -197,17 +197,17 @@ def plan_launch(
         return _plan_torchrun(env, settings, entry, python, args, nproc, port, environ)
     if settings.distribution == "mpi":
         return _plan_mpi(env, settings, entry, python, args, nproc, port, directory, environ, exported)
-    extra: Dict[str, str] = {}
+    extra: dict[str, str] = {}
     if env.num_nodes > 1 and env.node_rank is not None:
         extra = {"RANK": str(env.node_rank), "WORLD_SIZE": str(env.num_nodes), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     return Launch(argv=entry_argv(entry, python, args), env=extra)
 
 
-def _hygiene(nproc: int) -> Dict[str, str]:
+def _hygiene(nproc: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}
 
 
-def _explicit(settings: "LaunchSettings", name: str) -> bool:
+def _explicit(settings: LaunchSettings, name: str) -> bool:
     return settings.sources.get(name, "default") != "default"
 
 
@@ -223,7 +223,7 @@ def _rdzv_conf(environ: Mapping[str, str], **extra: str) -> str:
     return ",".join(items)
 
 
-def _torchrun_program(entry: EntryPoint, python: str, args: Tuple[str, ...]) -> List[str]:
+def _torchrun_program(entry: EntryPoint, python: str, args: tuple[str, ...]) -> list[str]:
     """torchrun's program arguments for the same argv ``entry_argv`` gives."""
     argv = list(entry_argv(entry, python, args))
     if entry.kind == "script":
@@ -234,11 +234,11 @@ def _torchrun_program(entry: EntryPoint, python: str, args: Tuple[str, ...]) -> 
 
 
 def _plan_torchrun(
-    env: "TrainingEnv",
-    settings: "LaunchSettings",
+    env: TrainingEnv,
+    settings: LaunchSettings,
     entry: EntryPoint,
     python: str,
-    args: Tuple[str, ...],
+    args: tuple[str, ...],
     nproc: int,
     port: int,
     environ: Mapping[str, str],
@@ -247,7 +247,7 @@ def _plan_torchrun(
     if not _explicit(settings, "max_restarts") and _platform(environ, "PET_MAX_RESTARTS").isdigit():
         restarts = int(_platform(environ, "PET_MAX_RESTARTS"))
     argv = [python, *TORCHRUN]
-    peers: Tuple[Tuple[str, int], ...] = ()
+    peers: tuple[tuple[str, int], ...] = ()
     if env.num_nodes <= 1:
         argv += ["--standalone", "--nnodes", "1", "--nproc-per-node", str(nproc)]
     elif env.node_rank is None:
@@ -289,7 +289,7 @@ def _mca_set(options: Sequence[str], environ: Mapping[str, str], key: str) -> bo
     return _mentions(options, (key,)) or bool(_platform(environ, f"OMPI_MCA_{key}"))
 
 
-def mpi_exported_names(names: Sequence[str]) -> List[str]:
+def mpi_exported_names(names: Sequence[str]) -> list[str]:
     """The ``-x`` names for mpirun: every name of the job's environment but the excluded ones."""
     return sorted(
         n for n in set(names)
@@ -297,16 +297,16 @@ def mpi_exported_names(names: Sequence[str]) -> List[str]:
     )
 
 
-def _distribution_source(settings: "LaunchSettings") -> str:
+def _distribution_source(settings: LaunchSettings) -> str:
     return settings.sources.get("distribution", "TRAINENV_DISTRIBUTION")
 
 
 def _plan_mpi(
-    env: "TrainingEnv",
-    settings: "LaunchSettings",
+    env: TrainingEnv,
+    settings: LaunchSettings,
     entry: EntryPoint,
     python: str,
-    args: Tuple[str, ...],
+    args: tuple[str, ...],
     nproc: int,
     port: int,
     directory: str,
@@ -331,19 +331,19 @@ def _plan_mpi(
         )
     hub = hub_port(port)
     if env.num_nodes > 1 and env.node_rank != 0:
-        argv = (
+        wait = (
             sys.executable, *WAIT_FOR_MASTER,
             env.master_host, str(hub), f"{settings.peer_timeout_seconds:g}",
             "--job", env.job_name, "--rank", str(env.node_rank), "--host", env.current_host,
             "--failure-file", env.failure_file,
         )
-        return Launch(argv=argv, env={}, peers=((env.master_host, hub),))
+        return Launch(argv=wait, env={}, peers=((env.master_host, hub),))
 
     hosts = env.hosts if env.num_nodes > 1 else ("localhost",)
     hostfile = os.path.join(directory, "hostfile")
     hostfile_text = "".join(f"{host} slots={nproc}\n" for host in hosts)
     options = list(settings.mpi_options)
-    argv: List[str] = [mpirun]
+    argv: list[str] = [mpirun]
     if os.geteuid() == 0:
         argv.append("--allow-run-as-root")
     argv += ["--hostfile", hostfile, "-np", str(nproc * len(hosts))]

@@ -33,7 +33,7 @@ class Layout:
     local_mode: bool = False
 
     @classmethod
-    def resolve(cls, environ: Mapping[str, str] = os.environ) -> "Layout":
+    def resolve(cls, environ: Mapping[str, str] = os.environ) -> Layout:
         """``$TRAINENV_BASE_DIR`` if set; else ``/ml`` if it exists; else local mode."""
         explicit = environ.get("TRAINENV_BASE_DIR")
         if explicit:
@@ -72,7 +72,7 @@ class Layout:
         return self.config_dir / "resourceconfig.json"
 
     @property
-    def settings_files(self) -> tuple:
+    def settings_files(self) -> tuple[Path, Path]:
         """``trainenv.yaml`` in the config dir, then in the code dir (first found wins)."""
         return (self.config_dir / "trainenv.yaml", self.code_dir / "trainenv.yaml")
 

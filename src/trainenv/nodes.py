@@ -55,8 +55,9 @@ from trainenv.launchers import endpoint, hub_port
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+    from typing import Any, Mapping, Sequence
 
+    from trainenv.console import Console
     from trainenv.environment import TrainingEnv
     from trainenv.plan import LaunchPlan
 
@@ -88,7 +89,7 @@ def _limit(timeout: float) -> str:
     return f"limit {timeout:g} s" if timeout > 0 else "no limit"
 
 
-def wait_for_peers(peers: Sequence[Tuple[str, int]], timeout: float, console: Any) -> None:
+def wait_for_peers(peers: Sequence[tuple[str, int]], timeout: float, console: Console) -> None:
     """Wait until every ``(host, port)`` (node 0's trainenv) accepts a TCP connection.
 
     ``PeerTimeout`` after ``timeout`` s.
@@ -153,7 +154,7 @@ def check_torch(python: str, env: Mapping[str, str], cwd: str, python_source: st
         raise ConfigError.at(python_source, None, f"the interpreter {shown(python)} does not start: {lines[-1]}")
 
 
-def prepare_nodes(env: "TrainingEnv", plan: "LaunchPlan", console: Any) -> Optional["NodeLink"]:
+def prepare_nodes(env: TrainingEnv, plan: LaunchPlan, console: Console) -> NodeLink | None:
     """The runner's step before launching: checks, the peer wait, node 0's link to the others.
 
     Returns the :class:`NodeLink` on node 0 of a multi-node job with known ranks (the runner
@@ -203,16 +204,16 @@ def _keepalive(sock: socket.socket) -> None:
 class NodeLink:
     """Node 0's side: a listening port the other nodes wait for; for MPI, their hellos and the outcome."""
 
-    def __init__(self, listener: socket.socket, port: int, job: str, others: Mapping[int, str], console: Any) -> None:
-        self.listener: Optional[socket.socket] = listener
+    def __init__(self, listener: socket.socket, port: int, job: str, others: Mapping[int, str], console: Console) -> None:
+        self.listener: socket.socket | None = listener
         self.port = port
         self.job = job
         self.others = dict(others)
         self.console = console
-        self.ready: Dict[int, socket.socket] = {}
+        self.ready: dict[int, socket.socket] = {}
 
     @classmethod
-    def open(cls, port: int, job: str, others: Mapping[int, str], console: Any) -> "NodeLink":
+    def open(cls, port: int, job: str, others: Mapping[int, str], console: Console) -> NodeLink:
         """Listen on ``port`` on every address; ``ConfigError`` when that is impossible."""
         try:
             backlog = max(128, len(others) + 1)  # probes wait in the backlog; nobody needs to accept them
@@ -238,7 +239,7 @@ class NodeLink:
         deadline = started + timeout if timeout > 0 else None
         selector = selectors.DefaultSelector()
         selector.register(self.listener, selectors.EVENT_READ, None)
-        buffers: Dict[socket.socket, bytearray] = {}
+        buffers: dict[socket.socket, bytearray] = {}
         report_at = started
         try:
             while len(self.ready) < len(self.others):
@@ -260,8 +261,8 @@ class NodeLink:
                 for key, _ in selector.select(max(0.0, wait)):
                     if key.data is None:
                         self._accept(selector, buffers)
-                    else:
-                        self._read(key.fileobj, selector, buffers)  # type: ignore[arg-type]
+                    elif isinstance(key.fileobj, socket.socket):  # a peer's connection
+                        self._read(key.fileobj, selector, buffers)
         finally:
             for key in list(selector.get_map().values()):
                 selector.unregister(key.fileobj)
@@ -280,7 +281,7 @@ class NodeLink:
                 pass
         self.console.info(f"all {len(self.others) + 1} nodes are here: starting the job")
 
-    def _accept(self, selector: selectors.BaseSelector, buffers: Dict[socket.socket, bytearray]) -> None:
+    def _accept(self, selector: selectors.BaseSelector, buffers: dict[socket.socket, bytearray]) -> None:
         assert self.listener is not None
         while True:
             try:
@@ -294,7 +295,7 @@ class NodeLink:
             buffers[sock] = bytearray()
             selector.register(sock, selectors.EVENT_READ, "peer")
 
-    def _drop(self, sock: socket.socket, selector: selectors.BaseSelector, buffers: Dict[socket.socket, bytearray]) -> None:
+    def _drop(self, sock: socket.socket, selector: selectors.BaseSelector, buffers: dict[socket.socket, bytearray]) -> None:
         selector.unregister(sock)
         buffers.pop(sock, None)
         for rank, ready in list(self.ready.items()):
@@ -303,7 +304,7 @@ class NodeLink:
                 self.console.info(f"{self.others[rank]} (node {rank}) went away before the job started")
         sock.close()
 
-    def _read(self, sock: socket.socket, selector: selectors.BaseSelector, buffers: Dict[socket.socket, bytearray]) -> None:
+    def _read(self, sock: socket.socket, selector: selectors.BaseSelector, buffers: dict[socket.socket, bytearray]) -> None:
         try:
             data = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
@@ -323,7 +324,7 @@ class NodeLink:
             buffer[:] = rest
             self._hello(line, sock, selector, buffers)
 
-    def _hello(self, line: bytes, sock: socket.socket, selector: selectors.BaseSelector, buffers: Dict[socket.socket, bytearray]) -> None:
+    def _hello(self, line: bytes, sock: socket.socket, selector: selectors.BaseSelector, buffers: dict[socket.socket, bytearray]) -> None:
         try:
             message = json.loads(line)
             job, rank = message["hello"], int(message["rank"])
@@ -339,7 +340,7 @@ class NodeLink:
             self._drop(previous, selector, buffers)
         self.ready[rank] = sock
 
-    def finish(self, code: int, failure_file: Optional[str] = None, text: Optional[str] = None) -> None:
+    def finish(self, code: int, failure_file: str | None = None, text: str | None = None) -> None:
         """Send the exit status (and, on failure, the failure file) to every node; never raises."""
         if self.listener is not None:
             self.listener.close()
@@ -403,8 +404,8 @@ def wait_for_master(
     job: str,
     rank: int,
     current_host: str,
-    failure_file: Optional[str] = None,
-    console: Any = None,
+    failure_file: str | None = None,
+    console: Console | None = None,
 ) -> int:
     """Say hello to node 0, wait until its job ends, return its exit status (see the docstring)."""
     if console is None:
@@ -465,7 +466,7 @@ def wait_for_master(
                 return code if 0 < code < 256 else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m trainenv.nodes wait-for-master HOST PORT TIMEOUT [--job J --rank R --host H --failure-file F]``."""
     import argparse
 

@@ -25,7 +25,7 @@ import signal
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable, Optional, Tuple
+    from typing import Iterable
 
 from trainenv.errors import EXIT_TIMEOUT
 from trainenv.files import write_atomic
@@ -40,7 +40,7 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|W
 @frozen
 class Outcome:
     exit_code: int
-    category: Optional[str]  # None on success
+    category: str | None  # None on success
     reason: str
     tail: str = ""
 
@@ -56,7 +56,7 @@ def signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def decode_wait_status(status: int) -> Tuple[int, Optional[int]]:
+def decode_wait_status(status: int) -> tuple[int, int | None]:
     """``(exit status as a shell reports it, signal number or None)`` from a ``waitpid`` status."""
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
@@ -72,7 +72,7 @@ def last_traceback(stderr_tail: str) -> str:
     return stderr_tail[marker:] if marker >= 0 else stderr_tail
 
 
-def exception_line(stderr_tail: str) -> Optional[str]:
+def exception_line(stderr_tail: str) -> str | None:
     """The last line that looks like ``SomeError: message``, if any."""
     for line in reversed(stderr_tail.splitlines()):
         stripped = line.strip()
@@ -85,10 +85,10 @@ def classify(
     *,
     what: str,
     exit_code: int,
-    signal_number: Optional[int],
+    signal_number: int | None,
     stderr_tail: str,
     timed_out: bool = False,
-    stopped_by: Optional[int] = None,
+    stopped_by: int | None = None,
     oom_killed: bool = False,
 ) -> Outcome:
     """Turn how the main process ended into an ``Outcome``."""

@@ -32,14 +32,14 @@ import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Mapping, Optional, Tuple
+    from typing import Any, Mapping
 
     from trainenv.environment import TrainingEnv
     from trainenv.settings import LaunchSettings
 
 from trainenv.errors import ConfigError, shown
 from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines
-from trainenv.frozen import frozen, plain
+from trainenv.frozen import fields, frozen, plain
 from trainenv.launchers import EntryPoint, Launch, plan_launch
 from trainenv.redact import is_secret_name, known_secrets, redact_data
 
@@ -52,31 +52,31 @@ ENV_FILE_NAME = "TRAINENV_ENV_FILE"
 class LaunchPlan:
     """What the supervisor runs, and what it needs around the run."""
 
-    argv: Tuple[str, ...]  # the final argv, launcher included; () when no entry point is set
+    argv: tuple[str, ...]  # the final argv, launcher included; () when no entry point is set
     env: Mapping[str, str]  # the child's whole environment
     cwd: str
-    entry: Optional[EntryPoint]
+    entry: EntryPoint | None
     settings: LaunchSettings
     nproc_per_node: int
     master_port: int
     env_file: str
     snapshot_json: str
     install_python: str
-    requirements_file: Optional[str]
-    dirs_to_create: Tuple[str, ...]
+    requirements_file: str | None
+    dirs_to_create: tuple[str, ...]
     failure_file: str
-    log_prefix: Optional[str] = None
-    hostfile: Optional[str] = None
-    hostfile_text: Optional[str] = None
-    peers: Tuple[Tuple[str, int], ...] = ()
-    exported: Tuple[str, ...] = ()  # the names trainenv sets in ``env``, in order
-    omitted_args: Tuple[str, ...] = ()  # hyperparameters left out of argv (too large)
-    secrets: Tuple[str, ...] = ()
+    log_prefix: str | None = None
+    hostfile: str | None = None
+    hostfile_text: str | None = None
+    peers: tuple[tuple[str, int], ...] = ()
+    exported: tuple[str, ...] = ()  # the names trainenv sets in ``env``, in order
+    omitted_args: tuple[str, ...] = ()  # hyperparameters left out of argv (too large)
+    secrets: tuple[str, ...] = ()
     _hidden = ("secrets",)
     _not_compared = ("exported", "secrets")
 
     @property
-    def warnings(self) -> Tuple[str, ...]:
+    def warnings(self) -> tuple[str, ...]:
         """One line per hyperparameter left out of argv."""
         return tuple(
             f"hyperparameter {name!r} is left out of the arguments: its value is over {MAX_VAR_BYTES // 1024} KiB "
@@ -84,14 +84,14 @@ class LaunchPlan:
             for name in self.omitted_args
         )
 
-    def environment(self) -> dict:
+    def environment(self) -> dict[str, str]:
         """``{name: value}`` of every name trainenv sets (the platform's value where it set one)."""
         return {name: self.env.get(name, "") for name in self.exported}
 
-    def view(self, show_secrets: bool = False) -> dict:
+    def view(self, show_secrets: bool = False) -> dict[str, Any]:
         """The plan as data (``trainenv env --format json``), redacted unless ``show_secrets``."""
         settings = self.settings
-        data = {
+        data: dict[str, Any] = {
             "entry_point": None if self.entry is None else {"kind": self.entry.kind, "target": self.entry.target, "source": self.entry.source},
             "distribution": settings.distribution,
             "argv": list(self.argv),
@@ -107,12 +107,15 @@ class LaunchPlan:
             "omitted_args": list(self.omitted_args),
             "settings": {
                 name: {"value": plain(getattr(settings, name)), "source": settings.sources.get(name, "default")}
-                for name in settings._fields
+                for name in fields(settings)
                 if name != "sources"
             },
             "environment": self.environment(),
         }
-        return data if show_secrets else redact_data(data, self.secrets)
+        if show_secrets:
+            return data
+        redacted: dict[str, Any] = redact_data(data, self.secrets)
+        return redacted
 
     def describe(self, show_secrets: bool = False) -> str:
         """The plan for a reader (``trainenv train --dry-run``): the same values as ``view``."""
@@ -162,7 +165,7 @@ _NO_ENTRY = (
 )
 
 
-def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> Optional[EntryPoint]:
+def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> EntryPoint | None:
     if settings.entry_point:
         return _classify(env, settings.entry_point.strip(), settings.sources.get("entry_point", "entry_point"), environ)
     if settings.command:
@@ -215,7 +218,7 @@ def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
 
 def child_environ(
     environ: Mapping[str, str], exported: Mapping[str, str], code_dir: str, extra: Mapping[str, str]
-) -> dict:
+) -> dict[str, str]:
     """What the child gets: inherited env + exported names (platform values kept) + Python hygiene."""
     child = dict(environ)
     for names in (exported, extra):
@@ -242,7 +245,9 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
     limit = kernel_arg_limit()
     room = max(0, limit - RESERVED_BYTES - environ_bytes(environ))
-    args, omitted_args, args_size = (), (), 0
+    args: tuple[str, ...] = ()
+    omitted_args: tuple[str, ...] = ()
+    args_size = 0
     if entry is not None and entry.kind != "command":
         args, omitted_args, args_size = cap_args(env.user_args, room // 2)
     exported = env.to_env_vars(
@@ -296,7 +301,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     )
 
 
-def read_plan(flags: Mapping[str, object], environ: Mapping[str, str]) -> Tuple[TrainingEnv, LaunchPlan]:
+def read_plan(flags: Mapping[str, object], environ: Mapping[str, str]) -> tuple[TrainingEnv, LaunchPlan]:
     """The snapshot and the plan ``trainenv env`` prints; reads files, writes nothing.
 
     Inside a launched job the snapshot is the launcher's (``TRAINENV_ENV_FILE``).

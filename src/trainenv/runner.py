@@ -33,7 +33,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Mapping, Optional
+    from typing import Any, Callable, Mapping
 
 from trainenv.console import Console, console_for
 from trainenv.errors import ConfigError, SignalError, TrainenvError
@@ -51,7 +51,7 @@ def _human_bytes(count: int) -> str:
     return f"{count} B"
 
 
-def summary_lines(env: Any, plan: Any) -> list:
+def summary_lines(env: Any, plan: Any) -> list[str]:
     """The start-up summary: a few redacted lines, never the whole environment."""
     gpus = ", ".join(f"{g['index']}:{g['name']}" for g in env.gpus) or "none"
     channels = ", ".join(env.channels) or "none"
@@ -284,6 +284,6 @@ class Launch:
         return outcome.exit_code
 
 
-def run_training(flags: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None, dry_run: bool = False) -> int:
+def run_training(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None, dry_run: bool = False) -> int:
     """``trainenv train``: returns the exit status (see ``trainenv.outcome``)."""
     return Launch(flags, os.environ if environ is None else environ).run(dry_run)

@@ -13,9 +13,6 @@ from __future__ import annotations
 import os
 import time
 
-TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
-if TYPE_CHECKING:  # pragma: no cover
-    from typing import Optional
 
 TAIL_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
@@ -55,7 +52,7 @@ class Stream:
     linear time and at most ``LINE_LIMIT`` bytes of buffer.
     """
 
-    def __init__(self, fd: int, target: int, prefix: Optional[bytes], keep_tail: bool) -> None:
+    def __init__(self, fd: int, target: int, prefix: bytes | None, keep_tail: bool) -> None:
         self.fd = fd
         self.target = target
         self.prefix = prefix
@@ -115,7 +112,7 @@ class Stream:
         self.partial = rest
         return b"".join(out)
 
-    def _pieces(self, line: bytes) -> list:
+    def _pieces(self, line: bytes) -> list[bytes]:
         """``line`` (no newline) as prefixed pieces of at most ``LINE_LIMIT`` bytes."""
         pieces = []
         for start in range(0, max(len(line), 1), LINE_LIMIT):

@@ -46,7 +46,10 @@ import time
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Callable, Mapping, Optional, Sequence
+    from typing import Any, Callable, Mapping, Sequence
+
+    # read end, write end, the previous wakeup fd, the previous handlers
+    _Installed = tuple[int, int, int, dict[int, Any]]
 
 from trainenv.frozen import frozen
 from trainenv.streams import Stream, grow_pipe
@@ -62,13 +65,13 @@ PR_SET_CHILD_SUBREAPER = 36
 @frozen
 class RunResult:
     exit_code: int
-    signal_number: Optional[int]
+    signal_number: int | None
     timed_out: bool
-    stopped_by: Optional[int]
+    stopped_by: int | None
     oom_killed: bool
     stderr_tail: str
     seconds: float
-    exec_error: Optional[str] = None
+    exec_error: str | None = None
 
 
 def become_subreaper() -> bool:
@@ -81,7 +84,7 @@ def become_subreaper() -> bool:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
 
@@ -96,11 +99,11 @@ class Supervisor:
         cwd: str,
         *,
         grace_seconds: float = 30.0,
-        max_run_seconds: Optional[float] = None,
-        log_prefix: Optional[str] = None,
+        max_run_seconds: float | None = None,
+        log_prefix: str | None = None,
         debug: Callable[[str], None] = lambda _: None,
         info: Callable[[str], None] = lambda _: None,
-        oom_count: Callable[[], Optional[int]] = lambda: None,
+        oom_count: Callable[[], int | None] = lambda: None,
         before_spawn: Callable[[], None] = lambda: None,
     ) -> None:
         self.argv = list(argv)
@@ -113,29 +116,29 @@ class Supervisor:
         self.info = info
         self.oom_count = oom_count
         self.before_spawn = before_spawn  # runs once our handlers are in place: may raise to spawn nothing
-        self.process: Optional[subprocess.Popen] = None
-        self.foreign: frozenset = frozenset()  # processes below us from before the job: not the job's
-        self.main_status: Optional[int] = None
-        self.stopped_by: Optional[int] = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.foreign: frozenset[int] = frozenset()  # processes below us from before the job: not the job's
+        self.main_status: int | None = None
+        self.stopped_by: int | None = None
         self.timed_out = False
-        self.kill_at: Optional[float] = None
-        self.deadline: Optional[float] = None
-        self.streams: dict = {}
+        self.kill_at: float | None = None
+        self.deadline: float | None = None
+        self.streams: dict[int, Stream] = {}
         self.selector = selectors.DefaultSelector()
 
     # -- signals -----------------------------------------------------------------------
 
-    def _install_signals(self) -> tuple:
+    def _install_signals(self) -> _Installed:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)
         previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        previous = {}
+        previous: dict[int, Any] = {}
         for number in STOP_SIGNALS + FORWARD_SIGNALS + (signal.SIGCHLD,):
             previous[number] = signal.signal(number, _enqueue_only)
         return read_fd, write_fd, previous_fd, previous
 
-    def _restore_signals(self, installed: tuple) -> None:
+    def _restore_signals(self, installed: _Installed) -> None:
         read_fd, write_fd, previous_fd, previous = installed
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
@@ -186,7 +189,7 @@ class Supervisor:
                 except (ProcessLookupError, PermissionError):
                     pass
 
-    def _strays(self) -> dict:
+    def _strays(self) -> dict[int, int]:
         """``{pid: process group}`` of every live process below us that is not ``foreign``.
 
         With trainenv as PID 1 or a child subreaper, whatever the job started ends up below us,
@@ -261,7 +264,7 @@ class Supervisor:
         if _has_children():  # only when embedded in a process with children of its own
             self.foreign = frozenset(_descendants(os.getpid()))
         stdout = subprocess.PIPE if self.prefix else None
-        options: dict = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
+        options: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
         self.process = subprocess.Popen(
             self.argv, env=self.env, cwd=self.cwd, stdout=stdout, stderr=subprocess.PIPE, **options
         )
@@ -367,10 +370,10 @@ def _has_children() -> bool:
         return True
 
 
-def _descendants(root: int) -> dict:
+def _descendants(root: int) -> dict[int, int]:
     """``{pid: process group}`` of every live (not zombie) process below ``root``, from ``/proc``."""
-    parents: dict = {}
-    groups: dict = {}
+    parents: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
     try:
         names = os.listdir("/proc")
     except OSError:
@@ -386,7 +389,7 @@ def _descendants(root: int) -> dict:
         if fields[0] != b"Z":
             parents.setdefault(int(fields[1]), []).append(int(name))
             groups[int(name)] = int(fields[2])
-    found: dict = {}
+    found: dict[int, int] = {}
     stack = [root]
     while stack:
         for child in parents.get(stack.pop(), ()):

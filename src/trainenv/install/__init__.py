@@ -49,7 +49,7 @@ import time
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from pathlib import Path
-    from typing import Callable, Mapping
+    from typing import Any, Callable, Mapping
 
     from trainenv.install.report import Attempt
     from trainenv.install.run import StopSignals
@@ -159,7 +159,7 @@ def _install(
     log: Callable[[str], None],
     started: float,
     stops: StopSignals,
-) -> tuple[InstallResult, dict]:
+) -> tuple[InstallResult, dict[str, Any]]:
     """Run the installer (with fallback and retry); the result and the target's probe info."""
     import os
 

@@ -22,7 +22,7 @@ import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import List, Mapping, Optional, Sequence, Tuple
+    from typing import Any, Mapping, Sequence
 
 from trainenv.errors import ConfigError, InstallError, shown
 from trainenv.redact import redact_text
@@ -51,7 +51,7 @@ def installer_mode(env: Mapping[str, str]) -> str:
     return mode
 
 
-def find_uv(env: Mapping[str, str]) -> Optional[str]:
+def find_uv(env: Mapping[str, str]) -> str | None:
     """``uv`` on ``env``'s PATH, else the binary of the ``uv`` package the launcher can import."""
     import shutil
 
@@ -70,7 +70,7 @@ def find_uv(env: Mapping[str, str]) -> Optional[str]:
         return None
 
 
-def pip_command(python: str, args: Sequence[str], env: Mapping[str, str]) -> Tuple[List[str], dict]:
+def pip_command(python: str, args: Sequence[str], env: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """pip's argv and environment for ``args`` (``-r <file>`` and extras)."""
     argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
             "--progress-bar", "off", *args]
@@ -78,7 +78,7 @@ def pip_command(python: str, args: Sequence[str], env: Mapping[str, str]) -> Tup
 
 
 def uv_command(uv: str, python: str, flags: Sequence[str], args: Sequence[str], env: Mapping[str, str],
-               added: Mapping[str, str]) -> Tuple[List[str], dict]:
+               added: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """uv's argv and environment: ``added`` holds pip's settings translated (``pip_to_uv``)."""
     return [uv, "pip", "install", "--python", python, *flags, *args], {**env, **added}
 
@@ -98,7 +98,7 @@ def resolve_python(python: str, env: Mapping[str, str]) -> str:
     return python
 
 
-def probe(python: str, env: Mapping[str, str], secrets: List[str]) -> dict:
+def probe(python: str, env: Mapping[str, str], secrets: list[str]) -> dict[str, Any]:
     """Version, prefix, site-packages dirs and pip presence of the target interpreter."""
     import json
     import subprocess

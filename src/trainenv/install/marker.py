@@ -35,7 +35,8 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Callable, List, Optional, Tuple
+    from io import BufferedRandom
+    from typing import Any, Callable, Mapping
 
 from trainenv.install.requirements import included_files
 
@@ -50,7 +51,7 @@ def default_marker_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"trainenv-{os.geteuid()}" / "installed"
 
 
-def marker_chain(marker_dir: Optional[Path]) -> List[Path]:
+def marker_chain(marker_dir: Path | None) -> list[Path]:
     """The directories that must be trusted: the default's ``trainenv-<euid>`` and itself."""
     if marker_dir is not None:
         return [Path(marker_dir)]
@@ -71,7 +72,7 @@ def trusted_dir(path: Path) -> bool:
     )
 
 
-def ensure_marker_dir(chain: List[Path]) -> bool:
+def ensure_marker_dir(chain: list[Path]) -> bool:
     """Create the marker dirs (mode 0700); whether they can be trusted."""
     for directory in chain:
         try:
@@ -83,7 +84,7 @@ def ensure_marker_dir(chain: List[Path]) -> bool:
     return all(trusted_dir(directory) for directory in chain)
 
 
-def marker_holds(path: Path, key: str) -> Optional[bool]:
+def marker_holds(path: Path, key: str) -> bool | None:
     """None: no marker. True: every distribution recorded after the install is still there."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -106,7 +107,7 @@ def marker_holds(path: Path, key: str) -> Optional[bool]:
 
 
 def record(
-    marker: Path, key: str, installer: str, python: str, info: dict, packages: Tuple[str, ...],
+    marker: Path, key: str, installer: str, python: str, info: Mapping[str, Any], packages: tuple[str, ...],
     log: Callable[[str], None],
 ) -> None:
     """Write the skip marker; a failure only costs the next launch a reinstall."""
@@ -123,7 +124,7 @@ def record(
         log(f"could not write the install marker {marker}: {exc.strerror or exc}")
 
 
-def lock(path: Path, check: Callable[[], None], log: Callable[[str], None]):
+def lock(path: Path, check: Callable[[], None], log: Callable[[str], None]) -> BufferedRandom | None:
     """An exclusive ``flock`` on ``path``, released when the returned file is closed (None when
     the file cannot be opened). While another launcher holds it, ``check`` runs every 0.1 s and
     may raise (a stop signal) to give up waiting."""
@@ -152,7 +153,7 @@ def lock(path: Path, check: Callable[[], None], log: Callable[[str], None]):
         time.sleep(_LOCK_POLL)
 
 
-def fingerprint(requirements_file: Optional[Path], text: Optional[bytes], extras: Tuple[str, ...], python: str) -> str:
+def fingerprint(requirements_file: Path | None, text: bytes | None, extras: tuple[str, ...], python: str) -> str:
     """The marker's key (see the module docstring for what it covers)."""
     digest = hashlib.sha256()
 
@@ -194,11 +195,11 @@ def fingerprint(requirements_file: Optional[Path], text: Optional[bytes], extras
     return digest.hexdigest()
 
 
-def _dist_entries(directory: str) -> set:
+def _dist_entries(directory: str) -> set[str]:
     return {e for e in os.listdir(directory) if e.endswith((".dist-info", ".egg-info"))}
 
 
-def _write_marker(path: Path, data: dict) -> None:
+def _write_marker(path: Path, data: Mapping[str, Any]) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")

@@ -41,7 +41,7 @@ import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import List, Mapping, Optional, Tuple
+    from typing import Mapping
 
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _PIP_ALIASES = {"default-timeout": "timeout"}
@@ -69,7 +69,7 @@ _PIP_TO_UV = (
 )
 
 
-def uv_environment(env: Mapping[str, str], prefix: Optional[str] = None) -> Tuple[dict, List[str]]:
+def uv_environment(env: Mapping[str, str], prefix: str | None = None) -> tuple[dict[str, str], list[str]]:
     """What to add to uv's environment so it honours pip's settings, and extra uv flags.
 
     Returns ``(variables, flags)``; a variable is only added when neither it nor an equivalent
@@ -78,7 +78,7 @@ def uv_environment(env: Mapping[str, str], prefix: Optional[str] = None) -> Tupl
     """
     uv_config = _uv_config_present(env)
     settings = pip_settings(env, prefix, files=not uv_config)
-    added: dict = {}
+    added: dict[str, str] = {}
     for option, targets, blockers, kind in _PIP_TO_UV:
         value = settings.get(option)
         if value is None or any(name in env for name in blockers):
@@ -100,7 +100,7 @@ def uv_environment(env: Mapping[str, str], prefix: Optional[str] = None) -> Tupl
     return added, flags
 
 
-def pip_settings(env: Mapping[str, str], prefix: Optional[str] = None, files: bool = True) -> dict:
+def pip_settings(env: Mapping[str, str], prefix: str | None = None, files: bool = True) -> dict[str, str]:
     """pip's effective install settings: config files (``[global]`` then ``[install]``), then
     ``PIP_*`` variables. Keys are pip option names (``index-url``); values are raw strings.
 
@@ -108,7 +108,7 @@ def pip_settings(env: Mapping[str, str], prefix: Optional[str] = None, files: bo
     """
     import configparser
 
-    sections: dict = {"global": {}, "install": {}}
+    sections: dict[str, dict[str, str]] = {"global": {}, "install": {}}
     for path in _pip_config_files(env, prefix) if files else []:
         parser = configparser.RawConfigParser()
         try:
@@ -131,14 +131,14 @@ def _pip_key(name: str) -> str:
     return _PIP_ALIASES.get(key, key)
 
 
-def _config_home(env: Mapping[str, str]) -> Tuple[str, str, List[str]]:
+def _config_home(env: Mapping[str, str]) -> tuple[str, str, list[str]]:
     home = env.get("HOME") or os.path.expanduser("~")
     config_home = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
     config_dirs = [d for d in (env.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(os.pathsep) if d]
     return home, config_home, config_dirs
 
 
-def _pip_config_files(env: Mapping[str, str], prefix: Optional[str]) -> List[str]:
+def _pip_config_files(env: Mapping[str, str], prefix: str | None) -> list[str]:
     """pip's config files in pip's load order (later ones win)."""
     config_file = env.get("PIP_CONFIG_FILE")
     if config_file == os.devnull:

@@ -32,7 +32,7 @@ from collections import deque
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable, List, Optional
+    from typing import Iterable
 
 from trainenv.errors import InstallError
 from trainenv.install.installers import INSTALLER_VARIABLE
@@ -86,19 +86,19 @@ _URL_CREDENTIALS = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/\s@:]+)(?::([^/\s
 class Attempt:
     """What one run of the installer showed, filled in line by line while its output streams."""
 
-    def __init__(self, installer: str, secrets: List[str]) -> None:
+    def __init__(self, installer: str, secrets: list[str]) -> None:
         self.installer = installer
         self.secrets = secrets
-        self.returncode: Optional[int] = None  # None: it did not start
+        self.returncode: int | None = None  # None: it did not start
         self.start_error = ""
-        self.tail: deque = deque(maxlen=TAIL_LINES)
-        self.packages: List[str] = []
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.packages: list[str] = []
         self.network_cause = ""  # e.g. "Connection refused"
         self.network_sign = ""  # e.g. "NewConnectionError"
         self.local = False
         self.uv_specific = False
 
-    def read(self, line: str) -> Optional[str]:
+    def read(self, line: str) -> str | None:
         """Take one output line; return it redacted and prefixed for the log, or None (chatter)."""
         clean = redact_text(line, self.secrets)
         self.tail.append(clean[:_TAIL_LINE_CHARS])
@@ -129,7 +129,7 @@ class Attempt:
         return "\n".join(self.tail)
 
 
-def _installed_names(line: str) -> List[str]:
+def _installed_names(line: str) -> list[str]:
     """Names in pip's ``Successfully installed a-1.0 b-2.0`` or uv's `` + a==1.0``, normalized
     as PEP 503 does (``Tiny_Pkg`` -> ``tiny-pkg``) so both installers report the same names."""
     match = _PIP_INSTALLED.match(line)
@@ -141,7 +141,7 @@ def _installed_names(line: str) -> List[str]:
     return [re.sub(r"[-_.]+", "-", name).lower() for name in names]
 
 
-def credentials_in(texts: Iterable[str]) -> List[str]:
+def credentials_in(texts: Iterable[str]) -> list[str]:
     """Passwords (and token-style user names) of ``scheme://user:password@`` in ``texts``."""
     found = set()
     for text in texts:

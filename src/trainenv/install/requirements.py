@@ -18,7 +18,7 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable, List, Optional, Tuple
+    from typing import Iterable
 
 from trainenv.errors import ConfigError, InstallError, shown
 
@@ -27,24 +27,24 @@ _REQUIREMENT_OPTIONS = ("-r", "--requirement", "-e", "--editable")
 _INCLUDE_OPTIONS = ("-r", "--requirement", "-c", "--constraint")
 
 
-def read_requirements(path: Optional[Path], extras: Tuple[str, ...]) -> Tuple[Optional[bytes], bool]:
+def read_requirements(path: Path | None, extras: tuple[str, ...]) -> tuple[bytes | None, bool]:
     """``(the file's bytes, or None when it gives the installer nothing to read; whether there
     is anything to install)`` for a requirements file (or none) and the cleaned extras."""
     wanted = bool(extras)
     if path is None:
         return None, wanted
     try:
-        text: Optional[bytes] = Path(path).read_bytes()
+        text = Path(path).read_bytes()
     except OSError as exc:
         raise InstallError(
             f"requirements install failed: cannot read {path}: {exc.strerror or exc}; check the file's permissions"
         ) from None
-    lines = logical_lines(text.decode("utf-8", "replace"))  # type: ignore[union-attr]
+    lines = logical_lines(text.decode("utf-8", "replace"))
     wanted = wanted or has_requirements(lines)
     return (text if lines else None), wanted  # no line: not even an option for the installer
 
 
-def clean_extras(extras: Iterable[str]) -> Tuple[str, ...]:
+def clean_extras(extras: Iterable[str]) -> tuple[str, ...]:
     """The extra requirements, stripped and without blanks; an option is a ``ConfigError``."""
     cleaned = []
     for extra in extras:
@@ -60,9 +60,9 @@ def clean_extras(extras: Iterable[str]) -> Tuple[str, ...]:
     return tuple(cleaned)
 
 
-def logical_lines(text: str) -> List[str]:
+def logical_lines(text: str) -> list[str]:
     """Lines as pip reads them: ``\\`` continuations joined, comments and blanks dropped."""
-    lines: List[str] = []
+    lines: list[str] = []
     pending = ""
     for raw in text.splitlines():
         if raw.endswith("\\"):
@@ -78,7 +78,7 @@ def logical_lines(text: str) -> List[str]:
     return lines
 
 
-def _option_value(line: str, names: Iterable[str]) -> Optional[str]:
+def _option_value(line: str, names: Iterable[str]) -> str | None:
     """The value of ``-r x``, ``-rx``, ``--requirement x`` or ``--requirement=x``; else None."""
     for name in names:
         if not line.startswith(name):
@@ -102,7 +102,7 @@ def has_requirements(lines: Iterable[str]) -> bool:
     return False
 
 
-def included_files(text: str, base: Path) -> List[Path]:
+def included_files(text: str, base: Path) -> list[Path]:
     """Local files named by ``-r``/``-c`` lines, relative to the including file's directory."""
     found = []
     for line in logical_lines(text):

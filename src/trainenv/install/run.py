@@ -28,7 +28,7 @@ import time
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Callable, List, Mapping, Optional, Sequence
+    from typing import Any, Callable, Mapping, Sequence
 
 from trainenv.errors import SignalError
 from trainenv.frozen import frozen
@@ -45,7 +45,7 @@ class Finished:
     """How one installer command ended: its exit status (None: it did not start, then
     ``start_error`` says why; negative: killed by that signal)."""
 
-    returncode: Optional[int]
+    returncode: int | None
     start_error: str = ""
 
 
@@ -54,7 +54,7 @@ def run_installer(
     cwd: str,
     env: Mapping[str, str],
     on_line: Callable[[str], None],
-    stops: Optional["StopSignals"] = None,
+    stops: StopSignals | None = None,
     on_stop: Callable[[str], None] = lambda what: None,
 ) -> Finished:
     """Run ``argv`` in its own process group, passing each output line to ``on_line`` as it
@@ -82,15 +82,16 @@ def run_installer(
             proc.stdout.close()
 
 
-def _pump(proc: subprocess.Popen, on_line: Callable[[str], None], stops: Optional["StopSignals"],
+def _pump(proc: subprocess.Popen[bytes], on_line: Callable[[str], None], stops: StopSignals | None,
           on_stop: Callable[[str], None]) -> None:
     """Pass each output line of ``proc`` to ``on_line`` until end of file, or until the stop
     sequence (module docstring) has ended the group when ``stops`` recorded a signal."""
-    out = proc.stdout.fileno()  # type: ignore[union-attr]
+    assert proc.stdout is not None  # run_installer pipes it
+    out = proc.stdout.fileno()
     os.set_blocking(out, False)
     selector = selectors.DefaultSelector()
     selector.register(out, selectors.EVENT_READ)
-    received: List[int] = stops.received if stops is not None else []
+    received: list[int] = stops.received if stops is not None else []
     if stops is not None and stops.fd >= 0:
         selector.register(stops.fd, selectors.EVENT_READ)
     partial, reading, deadline = b"", True, None
@@ -125,7 +126,7 @@ def _pump(proc: subprocess.Popen, on_line: Callable[[str], None], stops: Optiona
                     on_line(raw.decode("utf-8", "replace").rstrip("\r").split("\r")[-1])
 
 
-def _read(fd: int) -> Optional[bytes]:
+def _read(fd: int) -> bytes | None:
     try:
         return os.read(fd, _READ_SIZE)
     except (BlockingIOError, InterruptedError):
@@ -137,7 +138,7 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _exited(proc: subprocess.Popen) -> bool:
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
     """Whether ``proc`` has exited, without reaping it where the system allows (so its process
     group id stays reserved for the SIGKILL that follows); macOS has no ``waitid``."""
     if not hasattr(os, "waitid"):
@@ -170,13 +171,13 @@ class StopSignals:
     """
 
     def __init__(self) -> None:
-        self.received: List[int] = []
+        self.received: list[int] = []
         self.fd = -1
         self._write_fd = -1
-        self._previous: dict = {}
+        self._previous: dict[int, Any] = {}
         self._previous_wakeup = -1
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         read_fd, write_fd = os.pipe()
         os.set_blocking(read_fd, False)
         os.set_blocking(write_fd, False)

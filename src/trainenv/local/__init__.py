@@ -3,3 +3,6 @@
 ``job.py`` lays out one local job (a job dir of its own per run) and runs it with the very same
 launch sequence as ``trainenv train``.
 """
+
+from __future__ import annotations
+

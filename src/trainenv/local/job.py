@@ -26,14 +26,14 @@ from pathlib import Path
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+    from typing import Any, Callable, Iterable, Mapping
 
 from trainenv.errors import ConfigError
 from trainenv.files import write_atomic
 from trainenv.layout import LOCAL_JOBS_DIR, Layout, new_local_job_dir
 
 
-def parse_pairs(values: Iterable[str], what: str, option: str) -> list:
+def parse_pairs(values: Iterable[str], what: str, option: str) -> list[tuple[str, str]]:
     """``NAME=VALUE`` options as ``(name, value)`` pairs; a malformed one is a ``ConfigError``."""
     pairs = []
     for item in values:
@@ -44,11 +44,11 @@ def parse_pairs(values: Iterable[str], what: str, option: str) -> list:
     return pairs
 
 
-def hyperparameters_from(hps_file: Optional[str], hp_pairs: Iterable[Tuple[str, str]]) -> dict:
+def hyperparameters_from(hps_file: str | None, hp_pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """Hyperparameters as a platform writes them: every value a string."""
     from trainenv.config import check_hyperparameter_name, read_json_object
 
-    values: dict = {}
+    values: dict[str, str] = {}
     if hps_file:
         loaded = read_json_object(Path(hps_file))
         if loaded is None:
@@ -63,9 +63,9 @@ def hyperparameters_from(hps_file: Optional[str], hp_pairs: Iterable[Tuple[str, 
 
 
 def lay_out_job(
-    job_dir: Optional[Path],
-    source_dir: Optional[Path],
-    inputs: Iterable[Tuple[str, str]],
+    job_dir: Path | None,
+    source_dir: Path | None,
+    inputs: Iterable[tuple[str, str]],
     hyperparameters: Mapping[str, str],
 ) -> Layout:
     """Check every input, claim a job dir of this run's own, lay the job out in it."""
@@ -120,13 +120,13 @@ def _copy_source(source: Path, code_dir: Path, job_dir: Path) -> None:
         inside = None
     skip = str(source / inside.parts[0]) if inside is not None and inside.parts else None
 
-    def ignore(directory: str, names: list) -> list:
+    def ignore(directory: str, names: list[str]) -> list[str]:
         return [name for name in names if os.path.join(directory, name) == skip]
 
     shutil.copytree(source, code_dir, symlinks=True, ignore=ignore)
 
 
-def _claim(job_dir: Optional[Path]) -> Path:
+def _claim(job_dir: Path | None) -> Path:
     """The given ``--job-dir`` if it is new or empty, else a fresh dir under ``./trainenv-jobs``."""
     if job_dir is None:
         return new_local_job_dir(Path(LOCAL_JOBS_DIR).absolute())

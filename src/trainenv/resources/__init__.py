@@ -83,6 +83,8 @@ GPUs: ``gpus(environ)``
     ``nvmlInit`` (a GPU fell off the bus) raises ``InternalError``.
 """
 
+from __future__ import annotations
+
 from trainenv.resources.cgroups import (
     cpu_count,
     cpu_quota,

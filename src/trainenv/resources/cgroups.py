@@ -43,7 +43,7 @@ class _Mount:
     """One cgroup hierarchy's mount: v1 (with its controllers) or v2."""
 
     version: int
-    controllers: frozenset
+    controllers: frozenset[str]
     root: str  # the cgroup path that the mount point shows (mountinfo field 4)
     point: str  # the mount point, already below the caller's ``root``
 
@@ -84,7 +84,7 @@ def _mountinfo_mounts(root: str) -> list[_Mount]:
             continue
         fstype = fields[dash + 1]
         if fstype == "cgroup2":
-            controllers: frozenset = frozenset()
+            controllers: frozenset[str] = frozenset()
             version = 2
         elif fstype == "cgroup":
             options = fields[dash + 3] if len(fields) > dash + 3 else ""

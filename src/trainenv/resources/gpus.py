@@ -149,7 +149,7 @@ def _resolve(variable: str, entries: list[str] | None, nvml: _Nvml) -> list[Any]
     """The handles the visibility list names, in its order."""
     count = len(nvml.handles)
     if entries is None:
-        handles = []
+        handles: list[Any] = []
         for handle in nvml.handles:
             handles.extend(nvml.mig_handles(handle) or [handle])
         return handles
@@ -160,7 +160,8 @@ def _resolve(variable: str, entries: list[str] | None, nvml: _Nvml) -> list[Any]
         and len(entries) == count
     ):
         return list(nvml.handles)  # the container runtime already injected exactly these
-    handles, named = [], {}  # id(handle) -> the entry that named it
+    handles = []
+    named: dict[int, str] = {}  # id(handle) -> the entry that named it
     for entry in entries:
         if DIGITS.fullmatch(entry):
             index = int(entry)

@@ -33,7 +33,9 @@ Importing this package is cheap: it loads the error and response classes only.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
 
 from trainenv.serving.api import (
     BadRequest,

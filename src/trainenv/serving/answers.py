@@ -9,7 +9,10 @@ characters. A 503 always carries ``Retry-After``.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Iterable, MutableMapping
 
 from trainenv.serving import codecs
 from trainenv.serving.api import RequestContext, reason_phrase, status_code_name
@@ -17,13 +20,13 @@ from trainenv.serving.api import RequestContext, reason_phrase, status_code_name
 RETRY_AFTER_S = "1"
 JSON_CT = ("Content-Type", "application/json")
 _MAX_MESSAGE = 1000
-_STATUS_LINES: Dict[int, str] = {}
+_STATUS_LINES: dict[int, str] = {}
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+\Z")
 _HOP_BY_HOP = frozenset(
     ("connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "content-length")
 )
 
-Result = Tuple[int, List[Tuple[str, str]], bytes]
+Result = tuple[int, list[tuple[str, str]], bytes]
 
 
 def status_line(status: int) -> str:
@@ -40,7 +43,7 @@ def clean(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
-def user_headers(headers: Iterable[Tuple[str, str]]) -> List[Tuple[str, str]]:
+def user_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Headers from a hook's ``Response``/``HTTPError``: valid names only, one-line values, no
     hop-by-hop or framing headers (the server owns those)."""
     return [
@@ -55,8 +58,8 @@ def error_answer(
     message: str,
     request_id: str,
     v2: bool = False,
-    headers: Iterable[Tuple[str, str]] = (),
-    code: Optional[str] = None,
+    headers: Iterable[tuple[str, str]] = (),
+    code: str | None = None,
 ) -> Result:
     """A JSON error answer (``message`` already redacted)."""
     message = clean(message)
@@ -72,7 +75,7 @@ def error_answer(
 
 
 def request_context(
-    environ: dict, request_id: str, content_type: str, accept: str, route: str, parameters: Any = None
+    environ: MutableMapping[str, Any], request_id: str, content_type: str, accept: str, route: str, parameters: Any = None
 ) -> RequestContext:
     """What a hook that asks for a context gets: request id, headers, types, route, parameters."""
     headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items() if key.startswith("HTTP_")}

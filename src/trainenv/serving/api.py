@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import http
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Mapping
 
 # Stable across Python versions (http.HTTPStatus phrases change, e.g. 413 and 422 in 3.13).
-_CODE_BY_STATUS: Dict[int, str] = {
+_CODE_BY_STATUS: dict[int, str] = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
@@ -58,20 +61,24 @@ def reason_phrase(status: int) -> str:
 
 
 class HTTPError(Exception):
-    """Raise from a hook to answer with ``status`` (400-599) and a JSON error body."""
+    """Raise from a hook to answer with ``status`` (400-599) and a JSON error body.
+
+    A subclass knows its status, so ``BadRequest("why")`` gives the message alone.
+    """
 
     status = 500
 
     def __init__(
         self,
-        status: Optional[int] = None,
+        status: int | str | None = None,
         message: str = "",
         *,
-        code: Optional[str] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(status, str) and not message:
-            status, message = None, status
+            message = status
+            status = None
         if status is None:
             status = type(self).status
         if not isinstance(status, int) or not 400 <= status <= 599:
@@ -80,7 +87,7 @@ class HTTPError(Exception):
         self.status = status
         self.message = str(message) or reason_phrase(status)
         self.code = code or status_code_name(status)
-        self.headers: Tuple[Tuple[str, str], ...] = tuple((headers or {}).items())
+        self.headers: tuple[tuple[str, str], ...] = tuple((headers or {}).items())
 
 
 class BadRequest(HTTPError):
@@ -112,8 +119,8 @@ class Response:
         self,
         body: Any = b"",
         status: int = 200,
-        content_type: Optional[str] = None,
-        headers: Optional[Mapping[str, str]] = None,
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if isinstance(body, str):
             body = body.encode("utf-8")
@@ -126,7 +133,7 @@ class Response:
         self.body = body
         self.status = status
         self.content_type = content_type
-        self.headers: Tuple[Tuple[str, str], ...] = tuple((headers or {}).items())
+        self.headers: tuple[tuple[str, str], ...] = tuple((headers or {}).items())
 
     def __repr__(self) -> str:
         return f"Response(status={self.status}, content_type={self.content_type!r}, {len(self.body)} bytes)"
@@ -142,6 +149,6 @@ class RequestContext:
     accept: str
     route: str
     parameters: Any = None
-    target_model: Optional[str] = None
-    custom_attributes: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    target_model: str | None = None
+    custom_attributes: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

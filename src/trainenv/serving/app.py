@@ -51,7 +51,10 @@ import itertools
 import os
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Iterable, MutableMapping
 
 from trainenv.redact import redact_text
 from trainenv.serving import codecs, protocols
@@ -67,7 +70,7 @@ from trainenv.serving.answers import (
 )
 from trainenv.serving.api import HTTPError
 from trainenv.serving.config import ServingEnv
-from trainenv.serving.handler import Handler, HandlerError, HookError
+from trainenv.serving.handler import Answer, Handler, HandlerError, HookError
 from trainenv.serving.logsink import ServingLog
 from trainenv.serving.request import ClientGone, content_type, read_body
 from trainenv.serving.pool import (
@@ -101,7 +104,7 @@ class ServingApp:
         self._access_health = env.access_log and log.enabled("DEBUG")
         self._deadline_s = env.timeout_s
 
-        routes: Dict[str, Dict[str, Callable[[dict, str], Result]]] = {
+        routes: dict[str, dict[str, Callable[[MutableMapping[str, Any], str], Result]]] = {
             "/ping": {"GET": self._ping},
             "/invocations": {"POST": self._invocations},
             "/v2": {"GET": self._v2_metadata},
@@ -146,7 +149,9 @@ class ServingApp:
 
     # -- WSGI ---------------------------------------------------------------------------------
 
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def __call__(
+        self, environ: MutableMapping[str, Any], start_response: Callable[[str, list[tuple[str, str]]], object]
+    ) -> Iterable[bytes]:
         started = time.perf_counter()
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO") or "/"
@@ -178,7 +183,7 @@ class ServingApp:
         return [body]
 
     def _access_line(
-        self, environ: dict, method: str, path: str, status: int, size: int, request_id: str
+        self, environ: MutableMapping[str, Any], method: str, path: str, status: int, size: int, request_id: str
     ) -> None:
         health = path in self._health
         if health and not self._access_health:
@@ -190,13 +195,13 @@ class ServingApp:
         else:
             self.log.info(line)
 
-    def _request_id(self, environ: dict) -> str:
-        given = environ.get("HTTP_X_REQUEST_ID") or environ.get("HTTP_X_AMZN_REQUESTID")
+    def _request_id(self, environ: MutableMapping[str, Any]) -> str:
+        given: str | None = environ.get("HTTP_X_REQUEST_ID") or environ.get("HTTP_X_AMZN_REQUESTID")
         if given and _REQUEST_ID.match(given):
             return given
         return f"{self._id_prefix}{next(self._ids)}"
 
-    def _dispatch(self, environ: dict, method: str, path: str, request_id: str) -> Result:
+    def _dispatch(self, environ: MutableMapping[str, Any], method: str, path: str, request_id: str) -> Result:
         methods = self._routes.get(path)
         if methods is None:
             if path.startswith("/v2/models/"):
@@ -208,7 +213,7 @@ class ServingApp:
         return handler(environ, request_id)
 
     def _method_not_allowed(
-        self, method: str, path: str, methods: Dict[str, Any], request_id: str, v2: bool = False
+        self, method: str, path: str, methods: dict[str, Any], request_id: str, v2: bool = False
     ) -> Result:
         allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
         status, headers, body = self._error(
@@ -225,8 +230,8 @@ class ServingApp:
         message: str,
         request_id: str,
         v2: bool = False,
-        headers: Iterable[Tuple[str, str]] = (),
-        code: Optional[str] = None,
+        headers: Iterable[tuple[str, str]] = (),
+        code: str | None = None,
     ) -> Result:
         return error_answer(status, redact_text(message, self.log.secrets), request_id, v2, headers, code)
 
@@ -253,29 +258,29 @@ class ServingApp:
             self._last_ready_problem = problem
         return ready
 
-    def _ping(self, environ: dict, request_id: str) -> Result:
+    def _ping(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         if not self._is_ready():
             if self.state == READY:
                 return self._error(503, f"not ready: {self._last_ready_problem}", request_id)
             return self._not_ready(request_id)
         return 200, [JSON_CT], b'{"status":"ready"}'
 
-    def _live(self, environ: dict, request_id: str) -> Result:
+    def _live(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         return 200, [JSON_CT], b'{"live":true}'
 
-    def _v2_ready(self, environ: dict, request_id: str) -> Result:
+    def _v2_ready(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         if not self._is_ready():
             return self._error(
                 503, f"not ready: {self._last_ready_problem or self._not_ready_reason}", request_id, v2=True
             )
         return 200, [JSON_CT], b'{"ready":true}'
 
-    def _v2_metadata(self, environ: dict, request_id: str) -> Result:
+    def _v2_metadata(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         from trainenv import __version__
 
         return 200, [JSON_CT], codecs.to_json({"name": "trainenv", "version": __version__, "extensions": []})
 
-    def _execution_parameters(self, environ: dict, request_id: str) -> Result:
+    def _execution_parameters(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         return self._through_pool(environ, self.handler.execution_parameters, (), request_id)
 
     # -- running the handler ------------------------------------------------------------------
@@ -288,7 +293,7 @@ class ServingApp:
             504, f"the handler did not answer within {self._deadline_s:g} s (timeout_s)", request_id, v2
         )
 
-    def _on_timeout(self, environ: dict, request_id: str, v2: bool) -> Callable[[], None]:
+    def _on_timeout(self, environ: MutableMapping[str, Any], request_id: str, v2: bool) -> Callable[[], None]:
         """Called by the watchdog when the deadline passes: answer 504 now, while the handler
         still runs, through the server's ``environ["trainenv.timeout_writer"]``. Without one,
         the 504 goes out when the handler returns."""
@@ -315,7 +320,7 @@ class ServingApp:
         return on_timeout
 
     def _through_pool(
-        self, environ: dict, fn: Callable, args: Tuple, request_id: str, v2: bool = False
+        self, environ: MutableMapping[str, Any], fn: Callable[..., Answer], args: tuple[Any, ...], request_id: str, v2: bool = False
     ) -> Result:
         """Run ``fn(*args) -> (status, content type, headers, body)`` in the pool; map every failure."""
         try:
@@ -363,7 +368,7 @@ class ServingApp:
         headers.extend(user_headers(extra))
         return status, headers, body
 
-    def _invocations(self, environ: dict, request_id: str) -> Result:
+    def _invocations(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         if self.state != READY:
             return self._not_ready(request_id)
         try:
@@ -389,8 +394,8 @@ class ServingApp:
         )
 
     def _json_body(
-        self, environ: dict, request_id: str, v2: bool
-    ) -> Tuple[Optional[bytes], Optional[Result]]:
+        self, environ: MutableMapping[str, Any], request_id: str, v2: bool
+    ) -> tuple[bytes | None, Result | None]:
         try:
             body = read_body(environ, self.env.max_request_bytes)
             media_type, _ = content_type(environ)
@@ -405,7 +410,7 @@ class ServingApp:
             )
         return body, None
 
-    def _vertex_predict(self, environ: dict, request_id: str) -> Result:
+    def _vertex_predict(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         if self.state != READY:
             return self._not_ready(request_id)
         body, failure = self._json_body(environ, request_id, v2=False)
@@ -413,7 +418,7 @@ class ServingApp:
             return failure
         return self._through_pool(environ, self._vertex_job, (body, environ, request_id), request_id)
 
-    def _vertex_job(self, body: bytes, environ: dict, request_id: str) -> Tuple[int, str, tuple, bytes]:
+    def _vertex_job(self, body: bytes, environ: MutableMapping[str, Any], request_id: str) -> Answer:
         instances, parameters = protocols.parse_vertex_request(body)
         context = None
         if self.handler.wants_context:
@@ -424,7 +429,7 @@ class ServingApp:
         except TypeError as exc:
             raise HookError("predict_fn", exc) from None
 
-    def _v2_model(self, environ: dict, method: str, path: str, request_id: str) -> Result:
+    def _v2_model(self, environ: MutableMapping[str, Any], method: str, path: str, request_id: str) -> Result:
         match = _V2_MODEL.match(path)
         if match is None:
             return self._error(404, f"no route {shown_path(path)}", request_id, v2=True)
@@ -460,8 +465,8 @@ class ServingApp:
         )
 
     def _v2_job(
-        self, body: bytes, version: Optional[str], environ: dict, request_id: str
-    ) -> Tuple[int, str, tuple, bytes]:
+        self, body: bytes, version: str | None, environ: MutableMapping[str, Any], request_id: str
+    ) -> Answer:
         request = protocols.V2Request(body)
         context = None
         if self.handler.wants_context:

@@ -22,7 +22,10 @@ import codecs
 import csv
 import io
 import json
-from typing import Any, Callable, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable
 
 from trainenv.serving.api import BadRequest, HTTPError
 
@@ -34,7 +37,7 @@ OCTET_STREAM = "application/octet-stream"
 NPY = "application/x-npy"
 JSONLINES_ALIASES = (JSONLINES, "application/x-jsonlines", "application/x-ndjson")
 
-_numpy_available: Optional[bool] = None
+_numpy_available: bool | None = None
 
 
 class UnsupportedType(HTTPError):
@@ -64,7 +67,7 @@ def is_text(media_type: str) -> bool:
     )
 
 
-def decode_text(body: bytes, media_type: str, params: Dict[str, str]) -> str:
+def decode_text(body: bytes, media_type: str, params: dict[str, str]) -> str:
     charset = params.get("charset", "utf-8")
     try:
         codecs.lookup(charset)
@@ -89,7 +92,7 @@ def _json(text: str) -> Any:
         ) from None
 
 
-def _jsonlines(text: str) -> List[Any]:
+def _jsonlines(text: str) -> list[Any]:
     items = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -113,7 +116,7 @@ def _cell(text: str) -> Any:
         return text
 
 
-def _csv(text: str) -> List[List[Any]]:
+def _csv(text: str) -> list[list[Any]]:
     try:
         return [[_cell(cell) for cell in row] for row in csv.reader(io.StringIO(text)) if row]
     except csv.Error as exc:
@@ -129,12 +132,12 @@ def _npy(body: bytes) -> Any:
         raise BadRequest(f"body is not a valid .npy array without pickled objects: {exc}") from None
 
 
-def decodable_types() -> Tuple[str, ...]:
+def decodable_types() -> tuple[str, ...]:
     base = (JSON,) + JSONLINES_ALIASES + (CSV, TEXT, OCTET_STREAM)
     return base + (NPY,) if numpy_available() else base
 
 
-def decode(body: bytes, media_type: str, params: Dict[str, str]) -> Any:
+def decode(body: bytes, media_type: str, params: dict[str, str]) -> Any:
     """The default ``input_fn``: the body as a Python object, per the table above."""
     if media_type == JSON or media_type.endswith("+json"):
         return _json(decode_text(body, media_type, params))
@@ -262,7 +265,7 @@ def _encode_npy(value: Any) -> bytes:
     return out.getvalue()
 
 
-_ENCODERS: Dict[str, Callable[[Any], bytes]] = {
+_ENCODERS: dict[str, Callable[[Any], bytes]] = {
     JSON: to_json,
     JSONLINES: _encode_jsonlines,
     "application/x-jsonlines": _encode_jsonlines,
@@ -272,7 +275,7 @@ _ENCODERS: Dict[str, Callable[[Any], bytes]] = {
 }
 
 
-def encodable_types(default: str) -> Tuple[str, ...]:
+def encodable_types(default: str) -> tuple[str, ...]:
     """The types the default ``output_fn`` can write, ``default`` first when it is one of them."""
     types = list(_ENCODERS)
     if numpy_available():

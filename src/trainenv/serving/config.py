@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Mapping
 
 from trainenv.frozen import FrozenDict, SnapshotMapping, frozen
 from trainenv.layout import Layout
@@ -42,7 +45,7 @@ class ServingEnv(SnapshotMapping):
     workers: int = 1
     threads: int = _default("threads")
     timeout_s: float = _default("timeout_s")
-    startup_timeout_s: Optional[float] = None
+    startup_timeout_s: float | None = None
     grace_s: float = _default("grace_s")
     max_request_bytes: int = _default("max_request_bytes")
     max_queue: int = _default("max_queue")
@@ -52,15 +55,15 @@ class ServingEnv(SnapshotMapping):
     read_timeout_s: float = _default("read_timeout_s")
     default_accept: str = _default("default_accept")
     model_dir: Path = Path("/ml/model")
-    handler: Optional[str] = None
+    handler: str | None = None
     model_name: str = _default("model_name")
-    vertex_health_route: Optional[str] = None
-    vertex_predict_route: Optional[str] = None
+    vertex_health_route: str | None = None
+    vertex_predict_route: str | None = None
     log_level: str = _default("log_level")
     access_log: bool = _default("access_log")
     code_dir: Path = Path("/ml/usercode")
-    handler_files: Tuple[Path, ...] = ()
-    handler_dirs: Tuple[Path, ...] = ()
+    handler_files: tuple[Path, ...] = ()
+    handler_dirs: tuple[Path, ...] = ()
     sources: Mapping[str, str] = FrozenDict()  # setting name → option, variable or "default"
     _not_compared = ("sources",)
 
@@ -73,7 +76,7 @@ class ServingEnv(SnapshotMapping):
         return self.sources.get("handler", "default")
 
     @property
-    def handler_module(self) -> Optional[str]:
+    def handler_module(self) -> str | None:
         """The dotted module name to import, when the handler is not a file."""
         return None if self.handler is None or _is_file_name(self.handler) else self.handler
 
@@ -88,7 +91,7 @@ def default_model_dir(layout: Layout, is_dir: Callable[[Path], bool]) -> Path:
     return trained if not is_dir(serving) and is_dir(trained) else serving
 
 
-def _handler_files(handler: Optional[str], dirs: Tuple[Path, ...]) -> Tuple[Path, ...]:
+def _handler_files(handler: str | None, dirs: tuple[Path, ...]) -> tuple[Path, ...]:
     if handler is None:
         return tuple(d / DEFAULT_HANDLER_FILE for d in dirs)
     if not _is_file_name(handler):

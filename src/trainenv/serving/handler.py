@@ -40,15 +40,21 @@ import time
 import types
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Sequence
 
 from trainenv.errors import ConfigError
 from trainenv.serving import codecs, media
 from trainenv.serving.api import HTTPError, RequestContext, Response
 from trainenv.serving.config import ServingEnv
 
+# A hook's answer: (status, content type, extra headers, body).
+Answer = tuple[int, str, tuple[tuple[str, str], ...], bytes]
+
 # hook name -> its SageMaker positional parameters (a context may follow)
-HOOK_PARAMS: Dict[str, Tuple[str, ...]] = {
+HOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "pre_model_fn": ("model_dir",),
     "model_fn": ("model_dir",),
     "model_warmup_fn": ("model_dir", "model"),
@@ -92,14 +98,14 @@ def _describe(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def find_handler_file(env: ServingEnv) -> Optional[Path]:
+def find_handler_file(env: ServingEnv) -> Path | None:
     for candidate in env.handler_files:
         if candidate.is_file():
             return candidate
     return None
 
 
-def import_handler(env: ServingEnv) -> Tuple[ModuleType, str]:
+def import_handler(env: ServingEnv) -> tuple[ModuleType, str]:
     """Import the handler module; ``(module, where it came from)``; ``HandlerError`` on failure."""
     if env.handler_module is not None:
         _prepend_path(env.handler_dirs)
@@ -161,7 +167,7 @@ def _traceback() -> str:
 _CO_VARARGS = 0x04
 
 
-def _positional(fn: Callable) -> Tuple[int, int, bool, bool]:
+def _positional(fn: Callable[..., Any]) -> tuple[int, int, bool, bool]:
     """(required positional, allowed positional, has *args, has a 'context' parameter).
 
     Plain functions and methods are read from their code object (``inspect`` costs ~10 ms of
@@ -206,8 +212,8 @@ class Hooks:
     """The hooks found in a module, checked, with which per-request hooks want a context."""
 
     def __init__(self, module: ModuleType) -> None:
-        self.user: Dict[str, Callable] = {}
-        self.wants_context: Dict[str, bool] = {}
+        self.user: dict[str, Callable[..., Any]] = {}
+        self.wants_context: dict[str, bool] = {}
         origin = getattr(module, "__file__", None) or module.__name__
         for name, params in HOOK_PARAMS.items():
             fn = getattr(module, name, None)
@@ -229,7 +235,7 @@ class Hooks:
                 f"{origin}: transform_fn cannot be combined with {', '.join(mixed)}; define one or the other"
             )
 
-    def get(self, name: str) -> Optional[Callable]:
+    def get(self, name: str) -> Callable[..., Any] | None:
         return self.user.get(name)
 
     def summary(self) -> str:
@@ -243,8 +249,8 @@ class Hooks:
         return f"user: {', '.join(user) or 'none'}; default: {', '.join(default) or 'none'}"
 
 
-def _default_predict(model: Any) -> Optional[Callable[[Any], Any]]:
-    predict = getattr(model, "predict", None)
+def _default_predict(model: object) -> Callable[[Any], Any] | None:
+    predict: object = getattr(model, "predict", None)
     if callable(predict):
         return predict
     if callable(model) and not isinstance(model, type):
@@ -262,7 +268,7 @@ class Handler:
         self.loaded = False
         self._encodable = codecs.encodable_types(env.default_accept)
         self._wants_context = any(hooks.wants_context.get(n) for n in CONTEXT_HOOKS)
-        self._default_predict: Optional[Callable[[Any], Any]] = None
+        self._default_predict: Callable[[Any], Any] | None = None
 
     @property
     def wants_context(self) -> bool:
@@ -304,7 +310,7 @@ class Handler:
         except BaseException as exc:  # noqa: BLE001 - as in _call
             raise HookError("ready_fn", exc) from exc
 
-    def _call(self, name: str, args: Tuple, context: Optional[RequestContext]) -> Any:
+    def _call(self, name: str, args: tuple[Any, ...], context: RequestContext | None) -> Any:
         fn = self.hooks.user[name]
         if self.hooks.wants_context[name]:
             args = args + (context,)
@@ -317,7 +323,7 @@ class Handler:
 
     # -- the request pipeline -------------------------------------------------------------
 
-    def negotiate(self, accept_header: Optional[str]) -> List[str]:
+    def negotiate(self, accept_header: str | None) -> list[str]:
         """The response types to try, best first; empty means 406."""
         if "output_fn" in self.hooks.user or "transform_fn" in self.hooks.user:
             chosen = media.preferred(accept_header, self.env.default_accept, self._encodable)
@@ -328,10 +334,10 @@ class Handler:
         self,
         body: bytes,
         media_type: str,
-        params: Dict[str, str],
-        accept: List[str],
-        context: Optional[RequestContext],
-    ) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
+        params: dict[str, str],
+        accept: list[str],
+        context: RequestContext | None,
+    ) -> Answer:
         """One ``/invocations`` request: ``(status, content type, extra headers, body)``."""
         user = self.hooks.user
         if "transform_fn" in user:
@@ -351,7 +357,7 @@ class Handler:
             return _normalize("predict_fn", prediction, accept[0])
         return self._encode(prediction, accept)
 
-    def predict(self, data: Any, context: Optional[RequestContext]) -> Any:
+    def predict(self, data: Any, context: RequestContext | None) -> Any:
         if "predict_fn" in self.hooks.user:
             return self._call("predict_fn", (data, self.model), context)
         predict = self._default_predict
@@ -363,7 +369,7 @@ class Handler:
         except BaseException as exc:  # noqa: BLE001 - as in _call
             raise HookError("predict_fn (default: the model)", exc) from exc
 
-    def predict_objects(self, data: Any, context: Optional[RequestContext]) -> Any:
+    def predict_objects(self, data: Any, context: RequestContext | None) -> Any:
         """For the JSON protocols (Vertex, KServe v2): decoded data in, a plain prediction out."""
         if "transform_fn" not in self.hooks.user:
             return self.predict(data, context)
@@ -378,8 +384,8 @@ class Handler:
             raise HookError("transform_fn", ValueError("did not return JSON for application/json")) from None
 
     def _encode(
-        self, prediction: Any, accept: List[str]
-    ) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
+        self, prediction: Any, accept: list[str]
+    ) -> Answer:
         problems = []
         for media_type in accept:
             try:
@@ -393,7 +399,7 @@ class Handler:
             ),
         )
 
-    def execution_parameters(self) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
+    def execution_parameters(self) -> Answer:
         result = self._call("execution_parameters_fn", (), None)
         if isinstance(result, (dict, list)):
             return 200, codecs.JSON, (), codecs.to_json(result)
@@ -408,7 +414,7 @@ def _with_charset(media_type: str) -> str:
     )
 
 
-def _normalize(hook: str, result: Any, accept: str) -> Tuple[int, str, Tuple[Tuple[str, str], ...], bytes]:
+def _normalize(hook: str, result: Any, accept: str) -> Answer:
     """A hook's return value as ``(status, content type, headers, body)``."""
     if isinstance(result, Response):
         return result.status, result.content_type or accept, result.headers, result.body

@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Callable, Optional, Sequence
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Callable, Sequence
 
 from trainenv.redact import redact_text
 
@@ -34,7 +37,7 @@ class ServingLog:
     """Levelled, redacted lines to one sink; safe to call from any thread."""
 
     def __init__(
-        self, sink: Optional[Callable[[str], None]], level: str = "INFO", secrets: Sequence[str] = ()
+        self, sink: Callable[[str], None] | None, level: str = "INFO", secrets: Sequence[str] = ()
     ) -> None:
         self.sink = sink or stderr_sink
         self.threshold = LEVELS.get(level, 20)

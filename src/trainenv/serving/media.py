@@ -17,7 +17,12 @@ Results are memoised per header string (bounded), because clients send the same 
 from __future__ import annotations
 
 import re
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Sequence
+
+from trainenv.frozen import frozen
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z\-]+"
 _TYPE = re.compile(rf"\s*({_TOKEN})/({_TOKEN})\s*")
@@ -25,7 +30,10 @@ _PARAM = re.compile(rf';\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|{_TOKEN})\s*')
 _CACHE_LIMIT = 512
 
 
-class MediaRange(NamedTuple):
+@frozen
+class MediaRange:
+    """One range of an ``Accept`` header: ``type/subtype``, its ``q`` weight and its position."""
+
     type: str
     subtype: str
     q: float
@@ -42,12 +50,12 @@ class MediaRange(NamedTuple):
         return self.type == main and (self.subtype == "*" or self.subtype == sub)
 
 
-_media_cache: Dict[str, Optional[Tuple[str, Dict[str, str]]]] = {}
-_accept_cache: Dict[str, Tuple[MediaRange, ...]] = {}
+_media_cache: dict[str, tuple[str, dict[str, str]] | None] = {}
+_accept_cache: dict[str, tuple[MediaRange, ...]] = {}
 
 
-def _params(text: str, start: int) -> Optional[Dict[str, str]]:
-    params: Dict[str, str] = {}
+def _params(text: str, start: int) -> dict[str, str] | None:
+    params: dict[str, str] = {}
     pos = start
     while pos < len(text):
         match = _PARAM.match(text, pos)
@@ -61,14 +69,14 @@ def _params(text: str, start: int) -> Optional[Dict[str, str]]:
     return params
 
 
-def parse_media_type(value: str) -> Optional[Tuple[str, Dict[str, str]]]:
+def parse_media_type(value: str) -> tuple[str, dict[str, str]] | None:
     """``(type/subtype lower-cased, parameters)``, or ``None`` when ``value`` is not a media type."""
     try:
         return _media_cache[value]
     except KeyError:
         pass
     match = _TYPE.match(value)
-    result: Optional[Tuple[str, Dict[str, str]]] = None
+    result: tuple[str, dict[str, str]] | None = None
     if match is not None:
         params = _params(value.rstrip(), match.end())
         if params is not None:
@@ -79,13 +87,13 @@ def parse_media_type(value: str) -> Optional[Tuple[str, Dict[str, str]]]:
     return result
 
 
-def parse_accept(header: str) -> Tuple[MediaRange, ...]:
+def parse_accept(header: str) -> tuple[MediaRange, ...]:
     """The media ranges of an ``Accept`` header, in the order given; bad ranges are left out."""
     try:
         return _accept_cache[header]
     except KeyError:
         pass
-    ranges: List[MediaRange] = []
+    ranges: list[MediaRange] = []
     for order, part in enumerate(header.split(",")):
         part = part.strip()
         if not part:
@@ -116,14 +124,14 @@ def parse_accept(header: str) -> Tuple[MediaRange, ...]:
 
 
 def _quality(ranges: Sequence[MediaRange], media_type: str) -> float:
-    best: Optional[MediaRange] = None
+    best: MediaRange | None = None
     for media_range in ranges:
         if media_range.matches(media_type) and (best is None or media_range.specificity > best.specificity):
             best = media_range
     return 0.0 if best is None else best.q
 
 
-def acceptable(header: Optional[str], offers: Sequence[str], default: str) -> List[str]:
+def acceptable(header: str | None, offers: Sequence[str], default: str) -> list[str]:
     """The ``offers`` the client accepts, best first (see the module docstring)."""
     if header is None or not header.strip():
         return sorted(offers, key=lambda o: o != default)
@@ -139,7 +147,7 @@ def acceptable(header: Optional[str], offers: Sequence[str], default: str) -> Li
     return [offer for *_, offer in scored]
 
 
-def preferred(header: Optional[str], default: str, offers: Sequence[str] = ()) -> Optional[str]:
+def preferred(header: str | None, default: str, offers: Sequence[str] = ()) -> str | None:
     """One concrete type for a user ``output_fn``: the client's best, ``default`` for ``*/*``.
 
     ``type/*`` resolves to ``default`` when it matches, else to the first matching offer.

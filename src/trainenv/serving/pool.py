@@ -28,7 +28,12 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, TypeVar
+
+    _T = TypeVar("_T")
 
 _IDLE_WAKE_S = 60.0
 
@@ -48,11 +53,11 @@ class AlreadyAnswered(Exception):
 class _Ticket:
     __slots__ = ("deadline", "on_timeout", "fired", "answered")
 
-    def __init__(self, deadline: float, on_timeout: Optional[Callable[[], None]]) -> None:
+    def __init__(self, deadline: float, on_timeout: Callable[[], None] | None) -> None:
         self.deadline = deadline
         self.on_timeout = on_timeout
         self.fired = False
-        self.answered: Optional[threading.Event] = None
+        self.answered: threading.Event | None = None
 
 
 class InlineRunner:
@@ -69,7 +74,7 @@ class InlineRunner:
         self._admitted = 0
         self._busy = 0
         self._overrunning = 0
-        self._running: Dict[int, _Ticket] = {}
+        self._running: dict[int, _Ticket] = {}
         self._next_wake = float("inf")
         self._stopped = False
         self._watchdog = threading.Thread(target=self._watch, name=name, daemon=True)
@@ -84,8 +89,8 @@ class InlineRunner:
         return self._overrunning
 
     def run(
-        self, fn: Callable, args: Tuple, deadline: float, on_timeout: Optional[Callable[[], None]] = None
-    ) -> Any:
+        self, fn: Callable[..., _T], args: tuple[Any, ...], deadline: float, on_timeout: Callable[[], None] | None = None
+    ) -> _T:
         ticket = _Ticket(deadline, on_timeout)
         key = id(ticket)
         with self._lock:
@@ -121,7 +126,7 @@ class InlineRunner:
 
     def _watch(self) -> None:
         while True:
-            expired: List[_Ticket] = []
+            expired: list[_Ticket] = []
             with self._lock:
                 if self._stopped:
                     return

@@ -24,7 +24,10 @@ The request ``id`` is echoed. Errors are ``{"error": "<message>"}`` as the proto
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Sequence
 
 from trainenv.serving import codecs
 from trainenv.serving.api import BadRequest
@@ -35,7 +38,7 @@ DATATYPES = _INT_TYPES | _FLOAT_TYPES | {"BOOL", "BYTES"}
 _MAX_DIMS = 32
 
 
-def _load_json_object(body: bytes, what: str) -> Dict[str, Any]:
+def _load_json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
         document = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -48,7 +51,7 @@ def _load_json_object(body: bytes, what: str) -> Dict[str, Any]:
 # -- Vertex AI ------------------------------------------------------------------------------
 
 
-def parse_vertex_request(body: bytes) -> Tuple[List[Any], Any]:
+def parse_vertex_request(body: bytes) -> tuple[list[Any], Any]:
     """``(instances, parameters)`` of a Vertex predict request; ``BadRequest`` if malformed."""
     document = _load_json_object(body, "Vertex AI predict")
     instances = document.get("instances")
@@ -75,7 +78,7 @@ def vertex_response(prediction: Any) -> bytes:
 # -- KServe v2 ------------------------------------------------------------------------------
 
 
-def _flatten(data: Any, out: List[Any]) -> None:
+def _flatten(data: Any, out: list[Any]) -> None:
     if isinstance(data, list):
         for item in data:
             _flatten(item, out)
@@ -102,7 +105,7 @@ def _check_scalar(value: Any, datatype: str) -> bool:
     return isinstance(value, str)
 
 
-def _parse_input(index: int, spec: Any) -> Tuple[str, Any]:
+def _parse_input(index: int, spec: Any) -> tuple[str, Any]:
     where = f"inputs[{index}]"
     if not isinstance(spec, dict):
         raise BadRequest(f"{where} must be an object")
@@ -124,7 +127,7 @@ def _parse_input(index: int, spec: Any) -> Tuple[str, Any]:
         )
     if "data" not in spec:
         raise BadRequest(f'{where}: "data" is missing')
-    flat: List[Any] = []
+    flat: list[Any] = []
     _flatten(spec["data"], flat)
     count = 1
     for dim in shape:
@@ -153,7 +156,7 @@ class V2Request:
         tensors = dict(_parse_input(i, spec) for i, spec in enumerate(inputs))
         if len(tensors) != len(inputs):
             raise BadRequest("input names must be unique")
-        requested: List[str] = []
+        requested: list[str] = []
         outputs = document.get("outputs")
         if outputs is not None:
             if not isinstance(outputs, list) or not all(
@@ -161,7 +164,7 @@ class V2Request:
             ):
                 raise BadRequest('"outputs" must be a list of {"name": ...} objects')
             requested = [o["name"] for o in outputs]
-        self.id: Optional[str] = request_id
+        self.id: str | None = request_id
         self.parameters = document.get("parameters")
         self.data = next(iter(tensors.values())) if len(tensors) == 1 else tensors
         self.requested = requested
@@ -170,8 +173,8 @@ class V2Request:
 _NUMPY_KINDS = {"b": "BOOL", "i": "INT", "u": "UINT", "f": "FP", "U": "BYTES", "S": "BYTES"}
 
 
-def _shape_of(value: Any) -> List[int]:
-    shape: List[int] = []
+def _shape_of(value: Any) -> list[int]:
+    shape: list[int] = []
     while isinstance(value, (list, tuple)):
         shape.append(len(value))
         if not value:
@@ -210,7 +213,7 @@ def _datatype(flat: Sequence[Any]) -> str:
     return kinds.pop()
 
 
-def output_tensor(name: str, value: Any) -> Dict[str, Any]:
+def output_tensor(name: str, value: Any) -> dict[str, Any]:
     """One v2 output ``{name, shape, datatype, data}``; ``TypeError`` if it is not a tensor."""
     dtype = getattr(value, "dtype", None)
     if dtype is not None and hasattr(value, "shape") and hasattr(value, "tolist"):
@@ -218,7 +221,7 @@ def output_tensor(name: str, value: Any) -> Dict[str, Any]:
         if kind is None:
             raise TypeError(f"numpy dtype {dtype} cannot be a v2 tensor")
         datatype = kind if kind in ("BOOL", "BYTES") else f"{kind}{dtype.itemsize * 8}"
-        flat = value.reshape(-1).tolist()
+        flat: list[Any] = value.reshape(-1).tolist()
         if kind == "BYTES":
             flat = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in flat]
         shape = [int(d) for d in value.shape] or [1]
@@ -226,7 +229,7 @@ def output_tensor(name: str, value: Any) -> Dict[str, Any]:
     value = codecs.plain_value(value)
     if isinstance(value, (list, tuple)):
         shape = _shape_of(value)
-        flat: List[Any] = []
+        flat = []
         _flatten(list(value) if isinstance(value, tuple) else value, flat)
         count = 1
         for dim in shape:
@@ -238,7 +241,7 @@ def output_tensor(name: str, value: Any) -> Dict[str, Any]:
     return {"name": name, "shape": shape, "datatype": _datatype(flat), "data": flat}
 
 
-def v2_response(request: V2Request, prediction: Any, model_name: str, version: Optional[str]) -> bytes:
+def v2_response(request: V2Request, prediction: Any, model_name: str, version: str | None) -> bytes:
     """The v2 inference response; ``TypeError`` when the prediction is not tensor-shaped."""
     if isinstance(prediction, dict):
         names = request.requested or list(prediction)
@@ -249,7 +252,7 @@ def v2_response(request: V2Request, prediction: Any, model_name: str, version: O
     else:
         name = request.requested[0] if len(request.requested) == 1 else "output0"
         outputs = [output_tensor(name, prediction)]
-    document: Dict[str, Any] = {"model_name": model_name}
+    document: dict[str, Any] = {"model_name": model_name}
     if version is not None:
         document["model_version"] = version
     if request.id is not None:

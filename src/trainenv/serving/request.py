@@ -21,7 +21,9 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Dict, List, Optional, Tuple
+    from typing import Any, MutableMapping
+
+    from _typeshed.wsgi import InputStream
 
 from trainenv.serving import codecs, media
 from trainenv.serving.api import HTTPError
@@ -34,7 +36,7 @@ class ClientGone(Exception):
     """The client went silent (or away) in the middle of the body."""
 
 
-def read_body(environ: dict, limit: int) -> bytes:
+def read_body(environ: MutableMapping[str, Any], limit: int) -> bytes:
     """The request body, at most ``limit`` bytes (see the module docstring)."""
     stream = environ["wsgi.input"]
     length_text = environ.get("CONTENT_LENGTH")
@@ -57,7 +59,7 @@ def read_body(environ: dict, limit: int) -> bytes:
         return body
     if "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
         return b""
-    parts: List[bytes] = []
+    parts: list[bytes] = []
     size = 0
     while True:
         chunk = _read(environ, stream, min(READ_CHUNK, limit + 1 - size), None)
@@ -71,7 +73,7 @@ def read_body(environ: dict, limit: int) -> bytes:
         parts.append(chunk)
 
 
-def _read(environ: dict, stream: Any, size: int, length: Optional[int]) -> bytes:
+def _read(environ: MutableMapping[str, Any], stream: InputStream, size: int, length: int | None) -> bytes:
     try:
         return stream.read(size)
     except OSError as exc:  # a timeout is an OSError too
@@ -81,7 +83,7 @@ def _read(environ: dict, stream: Any, size: int, length: Optional[int]) -> bytes
         raise ClientGone(f"the client {why} in the middle of the body{of}") from None
 
 
-def content_type(environ: dict) -> Tuple[str, Dict[str, str]]:
+def content_type(environ: MutableMapping[str, Any]) -> tuple[str, dict[str, str]]:
     """``(media type, parameters)`` of the body; JSON when there is no ``Content-Type``."""
     header = environ.get("CONTENT_TYPE") or ""
     if not header.strip():
@@ -92,7 +94,7 @@ def content_type(environ: dict) -> Tuple[str, Dict[str, str]]:
     return parsed
 
 
-def _discard(environ: dict, stream: Any, length: Optional[int]) -> None:
+def _discard(environ: MutableMapping[str, Any], stream: InputStream, length: int | None) -> None:
     """Before a 413 on a server that cannot half-close: read and drop the rest of the body, at
     most ``DISCARD_LIMIT`` bytes, so the client gets to read the answer."""
     if environ.get("trainenv.lingers"):

@@ -33,7 +33,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, Callable, Mapping, Optional
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Mapping
+
+    from trainenv.serving.app import ServingApp
 
 from trainenv.errors import EXIT_INTERNAL, ConfigError, TrainenvError
 from trainenv.redact import secret_values
@@ -41,7 +46,7 @@ from trainenv.serving.config import ServingEnv
 from trainenv.serving.logsink import ServingLog, stderr_sink
 
 
-def main(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> int:
+def main(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Resolve the settings from ``flags`` and ``environ`` (default ``os.environ``) and serve; the exit code."""
     environ = os.environ if environ is None else environ
     try:
@@ -62,16 +67,16 @@ def resolve_env(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Serving
     return resolve_serving_env(environ, Layout.resolve(environ), cpus, len(gpus), flags)
 
 
-def run_server(env: ServingEnv, log: Optional[Callable[[str], None]] = None) -> int:
+def run_server(env: ServingEnv, log: Callable[[str], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; the process exit code (see the module docstring)."""
     slog = ServingLog(log, env.log_level, secret_values(dict(os.environ)))
-    sock: Optional[socket.socket] = None
+    sock: socket.socket | None = None
     try:
-        server = _pick_server(env)
+        serve = _pick_server(env)
         sock = bind_socket(env)
         slog.info(f"listening on {_url(sock)} ({_settings_line(env)})")
         new_app = app_factory(env, slog)
-        return server.run(env, sock, new_app, slog)
+        return serve(env, sock, new_app, slog)
     except TrainenvError as exc:
         slog.error(str(exc), getattr(exc, "detail", ""))
         return exc.exit_code
@@ -85,8 +90,8 @@ def run_server(env: ServingEnv, log: Optional[Callable[[str], None]] = None) -> 
             sock.close()
 
 
-def _pick_server(env: ServingEnv) -> Any:
-    """The server module for ``env.server``; ``ConfigError`` when gunicorn is not installed."""
+def _pick_server(env: ServingEnv) -> Callable[[ServingEnv, socket.socket, Callable[[ServingLog], ServingApp], ServingLog], int]:
+    """The ``run`` function of ``env.server``; ``ConfigError`` when gunicorn is not installed."""
     if env.server == "gunicorn":
         import importlib.util
 
@@ -98,13 +103,13 @@ def _pick_server(env: ServingEnv) -> Any:
             )
         from trainenv.serving.servers import gunicorn
 
-        return gunicorn
+        return gunicorn.run
     from trainenv.serving.servers import stdlib
 
-    return stdlib
+    return stdlib.run
 
 
-def app_factory(env: ServingEnv, slog: ServingLog) -> Callable[[ServingLog], Any]:
+def app_factory(env: ServingEnv, slog: ServingLog) -> Callable[[ServingLog], ServingApp]:
     """Import the handler (``HandlerError`` on failure) and return ``new_app(log)``: a fresh
     ``ServingApp`` over it, its model not loaded yet (the server calls ``app.load()``)."""
     from trainenv.serving.app import ServingApp

@@ -1,6 +1,8 @@
 """Settings: one row type (``rows``), the training table (``training``) and the serving table
 (``serving``, imported on its own by ``trainenv serve``); each resolved once."""
 
+from __future__ import annotations
+
 from trainenv.settings.training import (
     CLUSTER_KEYS,
     DISTRIBUTIONS,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Optional, Tuple
+    from typing import Any, Callable
 
 from trainenv.frozen import frozen
 
@@ -27,7 +27,7 @@ def text(value: Any) -> str:
     return str(value)
 
 
-def choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
         if text not in options:
@@ -37,7 +37,7 @@ def choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
-def number(kind: type, minimum: float, maximum: Optional[float] = None) -> Callable[[Any], Any]:
+def number(kind: type, minimum: float, maximum: float | None = None) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("expected a number")
@@ -64,7 +64,7 @@ def boolean(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _items(value: list | tuple) -> tuple:
+def _items(value: list[Any] | tuple[Any, ...]) -> tuple[str, ...]:
     """A YAML list's items as strings; a nested list or mapping is refused."""
     for index, item in enumerate(value):
         if isinstance(item, (dict, list, tuple)):
@@ -72,7 +72,7 @@ def _items(value: list | tuple) -> tuple:
     return tuple(str(item) for item in value)
 
 
-def compat(value: Any) -> tuple:
+def compat(value: Any) -> tuple[str, ...]:
     from trainenv.exports import parse_compat
 
     if isinstance(value, (list, tuple)):
@@ -80,7 +80,7 @@ def compat(value: Any) -> tuple:
     return parse_compat(text(value), source="compat")
 
 
-def words(value: Any) -> tuple:
+def words(value: Any) -> tuple[str, ...]:
     """A list of strings, or a string split like a shell would (``"a==1 'b>2'"``)."""
     if isinstance(value, (list, tuple)):
         return _items(value)
@@ -103,6 +103,6 @@ class Setting:
     default: Any
     help: str
     metavar: str = "VALUE"
-    choices: Tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()
     in_file: bool = True  # may be set in trainenv.yaml under its name
-    fallbacks: Tuple[str, ...] = ()  # platform variables read after ``variable``, in order
+    fallbacks: tuple[str, ...] = ()  # platform variables read after ``variable``, in order

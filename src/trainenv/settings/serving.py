@@ -16,12 +16,12 @@ Rows whose default depends on the machine (``workers``, ``model_dir``) have ``No
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
-if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Callable, Dict, Mapping, Optional, Tuple
-
 import re
 from pathlib import Path
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Mapping
 
 from trainenv.errors import ConfigError, shown
 from trainenv.settings.rows import Setting
@@ -41,10 +41,10 @@ _ROUTE = re.compile(r"/[!-~]*\Z")
 # -- parsers: a raw string in, the value out, or ValueError("is not ...") -------------------------
 
 
-def _integer(minimum: int, maximum: Optional[int], what: str) -> Callable[[Any], int]:
+def _integer(minimum: int, maximum: int | None, what: str) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         try:
-            number: Optional[int] = int(str(value), 10)
+            number: int | None = int(str(value), 10)
         except ValueError:
             number = None
         if number is None or number < minimum or (maximum is not None and number > maximum):
@@ -97,7 +97,7 @@ def _path(value: Any) -> Path:
     return Path(str(value))
 
 
-def _storage_uri(value: Any) -> Optional[Path]:
+def _storage_uri(value: Any) -> Path | None:
     """``AIP_STORAGE_URI``: a local path or ``file://`` URL; ``None`` (skipped) for ``gs://``."""
     text = str(value)
     if text.startswith("file://"):
@@ -154,13 +154,13 @@ def _boolean(value: Any) -> bool:
 
 
 # Platform variables whose values need their own parser (a unit, or a form that may not apply).
-VARIABLE_PARSERS: Dict[str, Callable[[Any], Any]] = {
+VARIABLE_PARSERS: dict[str, Callable[[Any], Any]] = {
     "SAGEMAKER_MAX_PAYLOAD_IN_MB": _mib,
     "AIP_STORAGE_URI": _storage_uri,
 }
 
 
-SERVING: Tuple[Setting, ...] = (
+SERVING: tuple[Setting, ...] = (
     Setting("host", "", "TRAINENV_SERVING_HOST", _host, "0.0.0.0",
             "Address to listen on (0.0.0.0: every interface, as the platforms require).", "HOST"),
     Setting("port", "--port", "TRAINENV_SERVING_PORT", _integer(0, 65535, "a port number"), 8080,
@@ -225,10 +225,10 @@ SERVING_BY_NAME = {s.name: s for s in SERVING}
 
 def resolve_serving_settings(
     flags: Mapping[str, Any], environ: Mapping[str, str]
-) -> Tuple[Dict[str, Any], Dict[str, str]]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """``(values, sources)``: each row from its flag, else its variables in order, else its default."""
-    values: Dict[str, Any] = {}
-    sources: Dict[str, str] = {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for setting in SERVING:
         values[setting.name], sources[setting.name] = setting.default, "default"
         given = flags.get(setting.name)
@@ -254,7 +254,7 @@ def _parse(parse: Callable[[Any], Any], raw: Any, where: str) -> Any:
         raise ConfigError.at(where, None, f"{shown(str(raw).strip())} {exc}") from None
 
 
-def serving_variables(values: Mapping[str, Any]) -> Dict[str, str]:
+def serving_variables(values: Mapping[str, Any]) -> dict[str, str]:
     """The settings as the variables that set them (``TRAINENV_SERVING_PORT`` → ``"8080"``), one per
     row: setting these reproduces ``values``. ``None`` is empty (unset)."""
     from trainenv.exports import env_value

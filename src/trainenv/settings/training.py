@@ -11,11 +11,11 @@ checked, also when a higher one wins: a bad value is a ``ConfigError`` naming wh
 
 from __future__ import annotations
 
+import sys
+
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Optional, Tuple
-
-import sys
+    from typing import Any, Mapping
 
 from trainenv.errors import ConfigError, shown
 from trainenv.frozen import FrozenDict, frozen
@@ -29,7 +29,7 @@ LOG_LEVELS = ("quiet", "info", "debug")
 CLUSTER_KEYS = ("hosts", "current_host")
 
 
-SETTINGS: Tuple[Setting, ...] = (
+SETTINGS: tuple[Setting, ...] = (
     Setting("entry_point", "--entry-point", "TRAINENV_ENTRY_POINT", _text, None,
             "What to run: train.py, '-m pkg.mod', run.sh, or an executable in the code dir or on PATH; hyperparameters are appended as arguments.", "ENTRY"),
     Setting("command", "--command", "TRAINENV_COMMAND", _text, None,
@@ -84,27 +84,27 @@ SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 class LaunchSettings:
     """The resolved launch settings, and where each came from (for --dry-run and errors)."""
 
-    entry_point: Optional[str] = None
-    command: Optional[str] = None
+    entry_point: str | None = None
+    command: str | None = None
     distribution: str = "none"
-    nproc_per_node: Optional[int] = None
-    max_run_seconds: Optional[float] = None
+    nproc_per_node: int | None = None
+    max_run_seconds: float | None = None
     grace_seconds: float = 30.0
-    compat: Tuple[str, ...] = ("pai",)
-    requirements: Tuple[str, ...] = ()
+    compat: tuple[str, ...] = ("pai",)
+    requirements: tuple[str, ...] = ()
     install: bool = True
-    python: Optional[str] = None
+    python: str | None = None
     log_prefix: bool = False
-    master_port: Optional[int] = None
+    master_port: int | None = None
     rdzv_backend: str = "static"
     max_restarts: int = 0
     peer_timeout_seconds: float = 600.0
     mpi_rsh_agent: str = "ssh"
-    mpi_options: Tuple[str, ...] = ()
+    mpi_options: tuple[str, ...] = ()
     installer: str = "auto"
     log_level: str = "info"
-    run_dir: Optional[str] = None
-    job_name: Optional[str] = None
+    run_dir: str | None = None
+    job_name: str | None = None
     sources: Mapping[str, str] = FrozenDict()  # setting name → where its value came from
     _not_compared = ("sources",)
 
@@ -113,7 +113,7 @@ class LaunchSettings:
         return self.python or sys.executable
 
 
-def _file_key(file_settings: Mapping[str, Any], name: str) -> Optional[str]:
+def _file_key(file_settings: Mapping[str, Any], name: str) -> str | None:
     for key in (name, name.replace("_", "-")):
         if key in file_settings:
             return key
@@ -134,9 +134,9 @@ def _check_file_keys(file_settings: Mapping[str, Any], file_source: object) -> N
 
 def _candidates(
     setting: Setting, flags: Mapping[str, Any], environ: Mapping[str, str], file_settings: Mapping[str, Any], file_source: object
-) -> list:
+) -> list[tuple[Any, object, str | None]]:
     """``(raw value, source, key)`` from each source that sets ``setting``, highest first."""
-    found: list = []
+    found: list[tuple[Any, object, str | None]] = []
     if setting.flag and flags.get(setting.name) is not None:
         found.append((flags[setting.name], f"option {setting.flag.split('/')[0]}", None))
     if environ.get(setting.variable, "") != "":
@@ -147,7 +147,7 @@ def _candidates(
     return found
 
 
-def _parse(setting: Setting, raw: Any, source: object, key: Optional[str]) -> Any:
+def _parse(setting: Setting, raw: Any, source: object, key: str | None) -> Any:
     try:
         return setting.parse(raw)
     except ConfigError as exc:
@@ -167,8 +167,8 @@ def resolve_settings(
     The value of every source is parsed, so a bad one is an error even where a higher one wins.
     """
     _check_file_keys(file_settings, file_source)
-    values: dict = {}
-    sources: dict = {}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for setting in SETTINGS:
         candidates = _candidates(setting, flags, environ, file_settings, file_source)
         # Every source's value is parsed, not only the winner's: a bad one is an error either way.
@@ -179,7 +179,7 @@ def resolve_settings(
             continue
         _, source, key = candidates[0]
         values[setting.name] = parsed[0]
-        sources[setting.name] = source if key is None else f"{source}: {key}"
+        sources[setting.name] = str(source) if key is None else f"{source}: {key}"
     if values["entry_point"] and values["command"]:
         raise ConfigError(
             f"both an entry point ({sources['entry_point']}) and a command ({sources['command']}) are set; use one"

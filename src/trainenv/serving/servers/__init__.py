@@ -10,3 +10,5 @@
 server knows the app only as a WSGI callable with ``load()``, ``set_failed()``,
 ``set_draining()`` and ``stop()``.
 """
+
+from __future__ import annotations

@@ -35,7 +35,13 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable, Iterable, MutableMapping
+
+    from trainenv.serving.app import ServingApp
+    from trainenv.serving.config import ServingEnv
 
 from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT, ConfigError, TrainenvError
 from trainenv.serving.logsink import ServingLog
@@ -43,14 +49,14 @@ from trainenv.serving.logsink import ServingLog
 _REASON_NONE = 0
 _REASON_LOAD_FAILED = 1
 _REASON_STARTUP_TIMEOUT = 2
-_current_worker: Dict[str, Any] = {}
+_current_worker: dict[str, Any] = {}
 
 
 def _post_fork(arbiter: Any, worker: Any) -> None:
     _current_worker["worker"] = worker
 
 
-def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], slog: ServingLog) -> int:
+def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], ServingApp], slog: ServingLog) -> int:
     """Serve ``new_app`` on gunicorn workers sharing ``sock``; the exit code (see the module docstring)."""
     try:
         from gunicorn.app.base import BaseApplication
@@ -63,7 +69,7 @@ def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], slo
     listen_fd = os.dup(sock.fileno())  # gunicorn takes ownership of (and closes) the fd it is given
     sink, level, secrets = slog.sink, env.log_level, slog.secrets
 
-    class TrainenvGunicorn(BaseApplication):  # type: ignore[misc]
+    class TrainenvGunicorn(BaseApplication):
         def load_config(self) -> None:
             settings = {
                 "bind": [f"fd://{listen_fd}"],
@@ -91,13 +97,13 @@ def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], slo
                 if key in self.cfg.settings:
                     self.cfg.set(key, value)
 
-        def load(self) -> Any:
+        def load(self) -> _Bridge:
             return _load_worker_app(env, new_app, ServingLog(sink, level, secrets), reason, AppImportError)
 
     arbiter_pid = os.getpid()
     try:
         TrainenvGunicorn().run()
-        code: Any = 0
+        code: object = 0
     except SystemExit as exc:
         code = exc.code
     except HaltServer as exc:  # raised again from halt() when two workers fail together
@@ -125,12 +131,12 @@ def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], slo
 
 
 def _load_worker_app(
-    env: Any, new_app: Callable[[ServingLog], Any], slog: ServingLog, reason: mmap.mmap, app_import_error: Any
-) -> Any:
+    env: ServingEnv, new_app: Callable[[ServingLog], ServingApp], slog: ServingLog, reason: mmap.mmap, app_import_error: Any
+) -> _Bridge:
     """In a worker: build the app and load the model (heartbeat running). Runs before the worker accepts."""
     worker = _current_worker.get("worker")
     done = threading.Event()
-    deadline: Optional[float] = (
+    deadline: float | None = (
         None if env.startup_timeout_s is None else time.monotonic() + env.startup_timeout_s
     )
 
@@ -165,11 +171,13 @@ class _Bridge:
     """What the stdlib server does for the app, done on gunicorn's socket: a read timeout for
     the request (a client silent mid-body is dropped) and the writer of early 504 answers."""
 
-    def __init__(self, app: Any, read_timeout_s: float) -> None:
+    def __init__(self, app: ServingApp, read_timeout_s: float) -> None:
         self.app = app
         self.read_timeout_s = read_timeout_s
 
-    def __call__(self, environ: dict, start_response: Any) -> Any:
+    def __call__(
+        self, environ: MutableMapping[str, Any], start_response: Callable[[str, list[tuple[str, str]]], object]
+    ) -> Iterable[bytes]:
         sock = environ.get("gunicorn.socket")
         if sock is not None:
             sock.settimeout(self.read_timeout_s)
@@ -177,10 +185,10 @@ class _Bridge:
         return self.app(environ, start_response)
 
 
-def _socket_writer(sock: Any) -> Any:
+def _socket_writer(sock: socket.socket) -> Callable[[str, list[tuple[str, str]], bytes], None]:
     """Write a complete ``Connection: close`` answer on a raw socket, then shut it down."""
 
-    def write(status_text: str, headers: list, body: bytes) -> None:
+    def write(status_text: str, headers: list[tuple[str, str]], body: bytes) -> None:
         lines = (
             [f"HTTP/1.1 {status_text}"]
             + [f"{name}: {value}" for name, value in headers]

@@ -19,7 +19,10 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, BinaryIO, Iterator
 
 from trainenv.serving.api import HTTPError, reason_phrase, status_code_name
 
@@ -60,12 +63,12 @@ class FixedBody:
 
     __slots__ = ("_rfile", "remaining", "_continue")
 
-    def __init__(self, rfile: Any, length: int, expect: Continue) -> None:
+    def __init__(self, rfile: BinaryIO, length: int, expect: Continue) -> None:
         self._rfile = rfile
         self.remaining = length
         self._continue = expect
 
-    def read(self, size: Optional[int] = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         if self.remaining <= 0:
             return b""
         self._continue()
@@ -76,7 +79,7 @@ class FixedBody:
             self.remaining = -1
         return data
 
-    def readline(self, size: Optional[int] = -1) -> bytes:
+    def readline(self, size: int | None = -1) -> bytes:
         if self.remaining <= 0:
             return b""
         self._continue()
@@ -85,10 +88,10 @@ class FixedBody:
         self.remaining -= len(data)
         return data
 
-    def readlines(self, hint: int = -1) -> List[bytes]:
+    def readlines(self, hint: int = -1) -> list[bytes]:
         return list(iter(self.readline, b""))
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
 
@@ -97,7 +100,7 @@ class ChunkedBody:
 
     __slots__ = ("_rfile", "_left", "done", "_continue", "_buffer")
 
-    def __init__(self, rfile: Any, expect: Continue) -> None:
+    def __init__(self, rfile: BinaryIO, expect: Continue) -> None:
         self._rfile = rfile
         self._left = 0
         self.done = False
@@ -130,9 +133,9 @@ class ChunkedBody:
             raise HTTPError(400, "malformed chunked body: bad trailer")
         self._left = size
 
-    def read(self, size: Optional[int] = -1) -> bytes:
+    def read(self, size: int | None = -1) -> bytes:
         self._continue()
-        parts: List[bytes] = []
+        parts: list[bytes] = []
         want = sys.maxsize if size is None or size < 0 else size
         while want > 0 and not self.done:
             if self._left == 0:
@@ -148,7 +151,7 @@ class ChunkedBody:
                 raise HTTPError(400, "malformed chunked body: missing CRLF after a chunk")
         return b"".join(parts)
 
-    def readline(self, size: Optional[int] = -1) -> bytes:
+    def readline(self, size: int | None = -1) -> bytes:
         data = self._buffer
         while b"\n" not in data and not self.done:
             more = self.read(8192)
@@ -161,15 +164,15 @@ class ChunkedBody:
         self._buffer = data[cut:]
         return data[:cut]
 
-    def readlines(self, hint: int = -1) -> List[bytes]:
+    def readlines(self, hint: int = -1) -> list[bytes]:
         return list(iter(self.readline, b""))
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
 
 
-_date_cache: List[Any] = [0, b""]
+_date_cache: list[tuple[int, bytes]] = [(0, b"")]  # (second, its Date line)
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -177,18 +180,19 @@ _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct",
 def date_header() -> bytes:
     """``Date: Sun, 06 Nov 1994 08:49:37 GMT`` (RFC 9110 IMF-fixdate), computed once a second."""
     now = int(time.time())
-    if _date_cache[0] != now:
+    second, line = _date_cache[0]
+    if second != now:
         t = time.gmtime(now)
         text = f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} {t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
-        _date_cache[1] = f"Date: {text}\r\n".encode("ascii")
-        _date_cache[0] = now
-    return _date_cache[1]
+        line = f"Date: {text}\r\n".encode("ascii")
+        _date_cache[0] = (now, line)
+    return line
 
 
-environ_keys: Dict[bytes, Optional[str]] = {}
+environ_keys: dict[bytes, str | None] = {}
 
 
-def environ_key(name: bytes) -> Optional[str]:
+def environ_key(name: bytes) -> str | None:
     """``b"Content-Type" -> "CONTENT_TYPE"``, ``b"X-Foo" -> "HTTP_X_FOO"``; ``None`` for names with ``_``."""
     key = environ_keys.get(name)
     if key is None and name not in environ_keys:
@@ -206,8 +210,8 @@ def environ_key(name: bytes) -> Optional[str]:
 
 
 def parse_request(
-    base_environ: dict, sock: socket.socket, rfile: Any, line: bytes, remote: str
-) -> Tuple[dict, Any, bool, bool]:
+    base_environ: dict[str, Any], sock: socket.socket, rfile: BinaryIO, line: bytes, remote: str
+) -> tuple[dict[str, Any], FixedBody | ChunkedBody, bool, bool]:
     """Read the headers after request ``line``: ``(environ, body, keep-alive, HTTP/1.0)``; ``Reject`` if malformed."""
     if len(line) > MAX_LINE:
         raise Reject(414, "the request line is too long")
@@ -241,7 +245,7 @@ def parse_request(
     environ["QUERY_STRING"] = query.decode("latin-1")
     environ["SERVER_PROTOCOL"] = version.decode("ascii")
     environ["REMOTE_ADDR"] = remote
-    content_length: Optional[bytes] = None
+    content_length: bytes | None = None
     count = 0
     while True:
         header = rfile.readline(MAX_LINE + 1)
@@ -310,7 +314,7 @@ def send_error(sock: socket.socket, status: int, message: str) -> None:
 
 
 def head(
-    status_text: str, headers: List[Tuple[str, str]], length: int, no_body: bool, close: bool, http10: bool
+    status_text: str, headers: list[tuple[str, str]], length: int, no_body: bool, close: bool, http10: bool
 ) -> bytes:
     """Status line and headers, with ``Date``, ``Server``, ``Content-Length`` and ``Connection``."""
     out = [f"HTTP/1.1 {status_text}\r\n".encode("latin-1"), date_header(), _SERVER_HEADER]

@@ -39,7 +39,13 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, Callable
+
+    from trainenv.serving.app import ServingApp
+    from trainenv.serving.config import ServingEnv
 
 from trainenv.errors import EXIT_CONFIG, EXIT_TIMEOUT, TrainenvError
 from trainenv.serving.logsink import ServingLog
@@ -80,7 +86,7 @@ class StdlibServer:
     def __init__(
         self,
         sock: socket.socket,
-        app: Callable,
+        app: ServingApp,
         log: ServingLog,
         *,
         max_connections: int,
@@ -110,7 +116,7 @@ class StdlibServer:
             "trainenv.lingers": True,
         }
         self._lock = threading.Lock()
-        self._connections: Dict[int, _Connection] = {}
+        self._connections: dict[int, _Connection] = {}
         self._busy = 0
         self._accepting = True
         self._draining = False
@@ -259,12 +265,12 @@ class StdlibServer:
                 connection.busy = False
                 self._busy -= 1
 
-    def _timeout_writer(self, connection: _Connection) -> Callable[[str, List[Tuple[str, str]], bytes], None]:
+    def _timeout_writer(self, connection: _Connection) -> Callable[[str, list[tuple[str, str]], bytes], None]:
         """``environ["trainenv.timeout_writer"]``: answer now (from the app's watchdog thread) and
         close, while the handler keeps running in the connection's thread. The request no longer
         counts as in flight for the drain."""
 
-        def write(status_text: str, headers: List[Tuple[str, str]], body: bytes) -> None:
+        def write(status_text: str, headers: list[tuple[str, str]], body: bytes) -> None:
             if connection.answered:
                 return
             connection.answered = True
@@ -288,9 +294,9 @@ class StdlibServer:
             return False
         head_only = environ["REQUEST_METHOD"] == "HEAD"
         environ["trainenv.timeout_writer"] = self._timeout_writer(connection)
-        captured: List[Any] = []
+        captured: list[Any] = []
 
-        def start_response(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Callable:
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[[bytes], None]:
             if exc_info is not None and captured:
                 raise exc_info[1].with_traceback(exc_info[2])
             captured[:] = [status, headers]
@@ -379,11 +385,11 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class _Signals:
     """Installs SIGTERM/SIGINT handlers that only enqueue; restores the previous ones on exit."""
 
-    def __init__(self, events: "queue.SimpleQueue[Any]") -> None:
+    def __init__(self, events: queue.SimpleQueue[Any]) -> None:
         self.events = events
-        self.previous: Dict[int, Any] = {}
+        self.previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_Signals":
+    def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
             for signum in _STOP_SIGNALS:
                 self.previous[signum] = signal.signal(signum, self._handle)
@@ -397,11 +403,11 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], log: ServingLog) -> int:
+def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], ServingApp], log: ServingLog) -> int:
     """Serve ``new_app(log)`` on ``sock`` until SIGTERM/SIGINT; the exit code (see the module docstring)."""
     if env.workers > 1:
         log.debug(f"the stdlib server is one process; workers={env.workers} applies to TRAINENV_SERVER=gunicorn")
-    events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
     with _Signals(events):
         app = new_app(log)
         server = StdlibServer(
@@ -442,7 +448,7 @@ def run(env: Any, sock: socket.socket, new_app: Callable[[ServingLog], Any], log
                 return _drain(env, server, app, events, event[1], log)
 
 
-def _drain(env: Any, server: StdlibServer, app: Any, events: "queue.SimpleQueue[Any]", signum: int, log: ServingLog) -> int:
+def _drain(env: ServingEnv, server: StdlibServer, app: ServingApp, events: queue.SimpleQueue[Any], signum: int, log: ServingLog) -> int:
     name = signal.Signals(signum).name
     log.info(f"{name}: stopping; {server.busy} requests in flight get up to {env.grace_s:g} s to finish")
     app.set_draining()
