@@ -10,11 +10,11 @@ Two ways to fake a cluster:
   to its address ``10.231.X.(i+1)``. The namespaces are joined by a full mesh of veth pairs
   (no bridge; /32 addresses with a host route per peer), so traffic between nodes never leaves
   the namespaces we create, and the machine's own network, hostname and ``/etc/hosts`` are
-  untouched. Launchers then run with stock flags, as on real nodes (research/feasibility §2).
+  untouched. Launchers then run with stock flags, as on real nodes.
 
 Processes::
 
-    procs = [start([PYTHON, "-m", "torch.distributed.run", ...], env=clean_env(tmp), log_dir=tmp)]
+    procs = [start([PYTHON, "-m", "torch.distributed.run", ...], env=launcher_environ(tmp), log_dir=tmp)]
     results = wait_all(procs, timeout=120)      # every wait has a deadline; never hangs
     with NetnsCluster(2, tmp) as c:
         p = c.start(1, argv, env=..., log_dir=tmp)   # "on node 1"; p.popen is the Popen
@@ -22,10 +22,13 @@ Processes::
 Output goes to files (never pipes, so a chatty process cannot block), and a timeout kills the
 whole process tree, including children that made their own session (torchrun's workers).
 
+The generic parts (a clean environment, ``free_port``, ``write_script``, the torch and MPI
+skips) live in ``support.py``; this module adds what only fake clusters need.
+
 Open MPI on fake hosts: :func:`write_rsh_agent` writes an ``plm_rsh_agent`` script. Open MPI
 calls it as ``agent HOST orted ...`` for every host it does not consider local; the script
 runs the command on this machine (loopback) or inside node HOST's namespaces (netns), where a
-real cluster would ssh (research/feasibility §3).
+real cluster would ssh.
 """
 
 from __future__ import annotations
@@ -38,26 +41,18 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-PYTHON = sys.executable
+import pytest
+
+from support import clean_environ, write_script
 NETNS_PREFIX = "tvh"  # namespaces: tvh<pid>x<k>n<i>
 _NETNS_NAME = re.compile(rf"^{NETNS_PREFIX}(\d+)x\d+n\d+$")
 _counter = itertools.count()
-
-# Variables that describe a cluster or a process's place in one: a test starts from an
-# environment without them, so what the machine (or the CI) has set cannot leak in.
-_CLUSTER_VARS = re.compile(
-    r"^(MASTER_ADDR|MASTER_PORT|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|NODE_RANK|NNODES"
-    r"|NPROC_PER_NODE|GROUP_RANK|GROUP_WORLD_SIZE|ROLE_.*|TF_CONFIG|CLUSTER_SPEC|PET_.*"
-    r"|TORCHELASTIC_.*|TRAINENV_.*|OMPI_.*|PMIX_.*|GLOO_SOCKET_IFNAME|NCCL_SOCKET_IFNAME)$"
-)
 
 TORCH_ALLREDUCE = """\
 import datetime, json, os, socket
@@ -121,22 +116,18 @@ class Finished:
         )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (bind port 0 and read it back)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def clean_env(tmp_dir: Path, **extra: str) -> Dict[str, str]:
-    """This process's environment without any cluster variable, plus ``extra``.
+def launcher_environ(tmp_dir: Path, **extra: str) -> Dict[str, str]:
+    """:func:`support.clean_environ` for launchers, plus ``extra``.
 
     ``TMPDIR`` points into ``tmp_dir`` so launchers' scratch dirs (torchelastic_*) stay there.
     """
-    env = {k: v for k, v in os.environ.items() if not _CLUSTER_VARS.match(k)}
-    env.update(TMPDIR=str(tmp_dir), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
+    return clean_environ(**{"TMPDIR": str(tmp_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra})
+
+
+def report_wall_time(record_property, name: str, seconds: float) -> None:
+    """Record ``seconds`` as the test's ``<name>_seconds`` property and print it."""
+    record_property(f"{name}_seconds", round(seconds, 2))
+    print(f"\n[wall time] {name}: {seconds:.1f} s")
 
 
 _log_counter = itertools.count()
@@ -291,13 +282,6 @@ def json_lines(text: str) -> List[dict]:
             found.append(value)
         pos = text.find("{", end)
     return found
-
-
-def write_script(path: Path, text: str, *, executable: bool = False) -> Path:
-    path.write_text(text)
-    if executable:
-        path.chmod(0o755)
-    return path
 
 
 # -- network namespaces ----------------------------------------------------------------------
@@ -526,33 +510,8 @@ def mpirun_argv(
     ]
 
 
-def need_torch() -> None:
-    """Skip the calling test when torch is missing."""
-    import importlib.util
-
-    import pytest
-
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed (scripts/test with TRAINENV_TEST_FULL=1 installs it)")
-
-
-def need_mpi() -> None:
-    """Skip the calling test when Open MPI or mpi4py is missing."""
-    import importlib.util
-    import shutil
-
-    import pytest
-
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed (apt-get install openmpi-bin)")
-    if importlib.util.find_spec("mpi4py") is None:
-        pytest.skip("mpi4py is not installed")
-
-
 def need_netns() -> None:
     """Skip the calling test when network namespaces cannot be made here."""
-    import pytest
-
     reason = netns_unsupported_reason()
     if reason is not None:
         pytest.skip(f"no network namespaces here: {reason}")

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support import REPO, eval_in_sh, need_tool, without_ml_dir
 from trainenv import resources
 from trainenv.environment import TrainingEnv, build_training_env
 from trainenv.errors import EXIT_CONFIG
 from trainenv.exports import normalize
 
-REPO = Path(__file__).resolve().parents[1]
 ALL_COMPAT = "pai,sagemaker,vertex"
 HP = "input/config/hyperparameters.json"
 IDC = "input/config/inputdataconfig.json"
@@ -102,18 +102,6 @@ HOSTILE = [
     "",
     "café ☕",
 ]
-
-
-def eval_in_sh(exports: str, names: list) -> dict:
-    """Run the export lines in a real ``sh`` and read the named variables back."""
-    script = 'eval "$TRAINENV_EXPORTS"; for n in "$@"; do eval "printf \'%s\\0%s\\0\' \\"\\$n\\" \\"\\${$n}\\""; done'
-    out = subprocess.run(
-        ["sh", "-c", script, "sh", *names],
-        env={"PATH": os.environ["PATH"], "TRAINENV_EXPORTS": exports},
-        capture_output=True, check=True,
-    ).stdout.decode("utf-8")
-    parts = out.split("\0")[:-1]
-    return dict(zip(parts[0::2], parts[1::2]))
 
 
 def test_shell_format_is_safe_to_eval(run_trainenv, job_tree, tmp_path):
@@ -493,7 +481,7 @@ def test_bad_input_exits_78_with_one_line(run_trainenv, job_tree, tree_state, tm
 # Local mode, non-root, read-only HOME, an installed copy, taskset
 
 
-@pytest.mark.skipif(os.path.isdir("/ml"), reason="/ml exists on this machine: not local mode")
+@without_ml_dir
 def test_local_mode_without_ml(run_trainenv, tmp_path):
     cwd = tmp_path / "laptop"
     cwd.mkdir()
@@ -550,7 +538,7 @@ def check_local_run(result, cwd: Path) -> None:
     assert data["hosts"] == ["algo-1"] and data["job_name"] == "job-123"
 
 
-@pytest.mark.skipif(os.path.isdir("/ml"), reason="/ml exists on this machine: not local mode")
+@without_ml_dir
 def test_non_root_with_read_only_home_in_local_mode(run_trainenv, research_tree, shared_dir, tree_state):
     prefix = as_nobody()
     probe = subprocess.run([*prefix, sys.executable, "-c", "import trainenv"], env=nobody_env(), capture_output=True)
@@ -565,7 +553,7 @@ def test_non_root_with_read_only_home_in_local_mode(run_trainenv, research_tree,
     assert tree_state(shared_dir) == before
 
 
-@pytest.mark.skipif(os.path.isdir("/ml"), reason="/ml exists on this machine: not local mode")
+@without_ml_dir
 def test_pip_install_dot_then_env_as_non_root(research_tree, shared_dir, tree_state):
     """``pip install .`` (a real build, not the editable install) and run its console script."""
     try:
@@ -603,8 +591,7 @@ def test_pip_install_dot_then_env_as_non_root(research_tree, shared_dir, tree_st
 
 
 def test_taskset_one_cpu(run_trainenv, research_tree):
-    if shutil.which("taskset") is None:
-        pytest.skip("taskset is not installed (util-linux)")
+    need_tool("taskset", "util-linux")
     cpu = min(os.sched_getaffinity(0))
     data = env_json(run_trainenv, research_tree)
     result = run_trainenv(

@@ -9,7 +9,6 @@ discovery that tried to write a platform value would fail every test.
 from __future__ import annotations
 
 import copy
-from trainenv.frozen import FrozenRecordError, replace
 import json
 from types import MappingProxyType
 
@@ -18,6 +17,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 
 from trainenv.cluster import SOURCES, Cluster, discover_cluster
 from trainenv.errors import EXIT_CONFIG, ConfigError
+from trainenv.frozen import FrozenRecordError, replace
 
 RC_PATH = "/ml/input/config/resourceconfig.json"
 
@@ -632,8 +632,10 @@ def test_every_training_task_gets_a_distinct_rank_and_chief_first(chiefs, master
 
 @pytest.mark.distributed
 def test_inside_real_torchrun_workers_node_facts_come_from_group_values(tmp_path):
-    pytest.importorskip("torch")
-    from distributed_harness import PYTHON, clean_env, free_port, json_lines, start, wait_all, write_script
+    from distributed_harness import json_lines, launcher_environ, start, wait_all
+    from support import PYTHON, free_port, need_torch, write_script
+
+    need_torch()
 
     script = write_script(
         tmp_path / "discover.py",
@@ -648,7 +650,7 @@ def test_inside_real_torchrun_workers_node_facts_come_from_group_values(tmp_path
         start(
             [PYTHON, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
              "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), script],
-            env=clean_env(tmp_path, GLOO_SOCKET_IFNAME="lo"),
+            env=launcher_environ(tmp_path, GLOO_SOCKET_IFNAME="lo"),
             log_dir=tmp_path,
         )
         for node in (0, 1)

@@ -16,6 +16,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from support import one_line_error
 from trainenv.config import (
     MAX_CONFIG_BYTES,
     MAX_DEPTH,
@@ -32,7 +33,7 @@ from trainenv.config import (
     read_resource_config,
     read_file_settings,
 )
-from trainenv.errors import EXIT_CONFIG, ConfigError
+from trainenv.errors import ConfigError
 
 FUZZ = settings(
     max_examples=150,
@@ -41,16 +42,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> str:
-    """The error's message, checked to be one line that contains every fragment."""
-    message = str(excinfo.value)
-    assert "\n" not in message and "\r" not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert excinfo.value.exit_code == EXIT_CONFIG
-    return message
 
 
 def write(path: Path, content) -> Path:

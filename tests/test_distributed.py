@@ -13,7 +13,6 @@ their own hostnames, and a rank that fails makes every node fail with a failure 
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -30,17 +29,27 @@ import pytest
 
 from distributed_harness import (
     NetnsCluster,
-    clean_env,
-    free_port,
-    need_mpi,
-    need_netns,
-    need_torch,
     json_lines,
+    launcher_environ,
+    need_netns,
+    report_wall_time,
     start,
     wait_all,
     write_rsh_agent,
 )
-from launch_support import TRAINENV, make_tree
+from support import (
+    PYTHON,
+    REPO,
+    TRAINENV,
+    failure,
+    free_port,
+    make_tree,
+    need_mpi,
+    need_tool,
+    need_torch,
+    needs_mpirun,
+    run_trainenv,
+)
 from trainenv.launchers import mpi_exported_names
 from trainenv.nodes import NodeLink, PeerTimeout, relayed_failure, wait_for_peers
 from trainenv.environment import build_training_env
@@ -49,11 +58,9 @@ from trainenv.layout import Layout
 from trainenv.plan import LaunchPlan, build_plan
 from trainenv.settings import resolve_settings
 
-REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples" / "distributed"
 TORCH_EXAMPLE = (EXAMPLES / "torch_allreduce.py").read_text()
 MPI_EXAMPLE = (EXAMPLES / "mpi_allreduce.py").read_text()
-PYTHON = sys.executable
 TORCH_TIMEOUT = 240.0  # ~15 s alone; 6 interpreters import torch on 2 cores
 MPI_TIMEOUT = 90.0
 _bases = itertools.count()
@@ -85,9 +92,7 @@ def plan_for(
 ) -> LaunchPlan:
     """``build_plan`` for a fresh job tree; ``environ`` values of None remove the name."""
     base = tmp_path / f"ml{next(_bases)}"
-    make_tree(base, code if code is not None else {"train.py": "print(1)\n"}, hyperparameters)
-    if resource_config is not None:
-        (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(resource_config))
+    make_tree(base, code if code is not None else {"train.py": "print(1)\n"}, hyperparameters, resource_config=resource_config)
     env_vars: Dict[str, str] = {
         "PATH": os.environ.get("PATH", os.defpath),
         "TRAINENV_BASE_DIR": str(base),
@@ -234,7 +239,7 @@ def mpi_plan(tmp_path, current: str, **extra: Optional[str]) -> LaunchPlan:
                     hyperparameters={"lr": 0.1})
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed (apt-get install openmpi-bin)")
+@needs_mpirun
 def test_mpi_node_zero_runs_mpirun_over_a_hostfile(tmp_path):
     plan = mpi_plan(tmp_path, "node0")
     argv = list(plan.argv)
@@ -259,7 +264,7 @@ def test_mpi_node_zero_runs_mpirun_over_a_hostfile(tmp_path):
     assert "hf-secret-value-123" not in joined and "hf-secret-value-123" not in plan.describe()
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")
+@needs_mpirun
 def test_mpi_options_replace_defaults_and_platform_agent_is_kept(tmp_path):
     plan = mpi_plan(tmp_path, "node0", TRAINENV_MPI_OPTIONS="--bind-to core --mca btl_tcp_if_include 10.0.0.0/8 --tag-output",
                     OMPI_MCA_plm_rsh_agent="/etc/mpi/kubexec.sh")
@@ -279,7 +284,7 @@ def test_mpi_options_replace_defaults_and_platform_agent_is_kept(tmp_path):
     assert "--mca plm_rsh_agent ssh -p 2222" in " ".join(explicit.argv)
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")
+@needs_mpirun
 def test_mpi_other_nodes_wait_for_node_zero(tmp_path):
     plan = mpi_plan(tmp_path, "node1", TRAINENV_MASTER_PORT="31000", TRAINENV_PEER_TIMEOUT_SECONDS="45")
     assert list(plan.argv) == [
@@ -289,14 +294,14 @@ def test_mpi_other_nodes_wait_for_node_zero(tmp_path):
     assert plan.peers == (("node0", 31001),) and plan.hostfile is None
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")
+@needs_mpirun
 def test_mpi_one_node_runs_locally(tmp_path):
     plan = plan_for(tmp_path, {"TRAINENV_DISTRIBUTION": "mpi", "TRAINENV_NPROC_PER_NODE": "3"})
     assert plan.hostfile_text == "localhost slots=3\n"
     assert "plm_rsh_agent" not in plan.argv and plan.peers == ()
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")
+@needs_mpirun
 def test_mpi_without_a_host_list_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as error:
         plan_for(tmp_path, {"TRAINENV_DISTRIBUTION": "mpi", "MASTER_ADDR": "10.0.0.5", "RANK": "0", "WORLD_SIZE": "2",
@@ -323,8 +328,7 @@ def test_exported_names_rule():
 
 def test_plan_launch_is_pure(tmp_path):
     """Planning writes nothing: the run dir and hostfile appear only when the runner launches."""
-    if shutil.which("mpirun") is None:
-        pytest.skip("mpirun is not installed")
+    need_tool("mpirun")
     plan = mpi_plan(tmp_path, "node0")
     assert not Path(plan.hostfile).exists() and not (tmp_path / "run").exists()
 
@@ -495,33 +499,18 @@ def test_relayed_failure_says_where_it_happened():
 # -- real `trainenv train`: the one-line errors -----------------------------------------------
 
 
-def node_tree(tmp_path: Path, name: str, code: Mapping[str, str], hyperparameters=None, resource_config=None) -> Path:
-    base = make_tree(tmp_path / name, code, hyperparameters)
-    if resource_config is not None:
-        (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(resource_config))
-    return base
-
-
 def node_env(tmp_path: Path, base: Path, **extra: str) -> Dict[str, str]:
-    return clean_env(tmp_path, TRAINENV_BASE_DIR=str(base), TRAINENV_RUN_DIR=str(base / "run"), **extra)
-
-
-def train(base: Path, env: Mapping[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([TRAINENV, "train"], env=dict(env), capture_output=True, text=True, timeout=timeout)
-
-
-def failure_of(base: Path) -> str:
-    return (base / "output" / "failure").read_text()
+    return launcher_environ(tmp_path, TRAINENV_BASE_DIR=str(base), TRAINENV_RUN_DIR=str(base / "run"), **extra)
 
 
 def test_torch_missing_for_torchrun_is_a_config_error(tmp_path):
     bare = tmp_path / "bare-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
-    base = node_tree(tmp_path, "node", {"train.py": "print(1)\n"})
-    done = train(base, node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="train.py",
+    base = make_tree(tmp_path / "node", {"train.py": "print(1)\n"})
+    done = run_trainenv("train", env=node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="train.py",
                                 TRAINENV_PYTHON=str(bare / "bin" / "python")))
     assert done.returncode == 78, done.stderr
-    first = failure_of(base).splitlines()[0]
+    first = failure(base).splitlines()[0]
     assert first.startswith("ConfigError: TRAINENV_DISTRIBUTION: torchrun needs torch, but ")
     assert "pip install torch" in first and "TRAINENV_PYTHON" in first
     assert f"trainenv: {first}" in done.stderr
@@ -530,40 +519,39 @@ def test_torch_missing_for_torchrun_is_a_config_error(tmp_path):
 def test_mpirun_missing_is_a_config_error(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
-    base = node_tree(tmp_path, "node", {"train.py": "print(1)\n"}, resource_config=cluster("node0"))
-    done = train(base, node_env(tmp_path, base, TRAINENV_DISTRIBUTION="mpi", TRAINENV_ENTRY_POINT="train.py", PATH=str(empty)))
+    base = make_tree(tmp_path / "node", {"train.py": "print(1)\n"}, resource_config=cluster("node0"))
+    done = run_trainenv("train", env=node_env(tmp_path, base, TRAINENV_DISTRIBUTION="mpi", TRAINENV_ENTRY_POINT="train.py", PATH=str(empty)))
     assert done.returncode == 78, done.stderr
-    assert failure_of(base).splitlines()[0] == (
+    assert failure(base).splitlines()[0] == (
         "ConfigError: TRAINENV_DISTRIBUTION: mpi: mpirun is not on PATH; install Open MPI in the image on every node "
         "(apt-get install openmpi-bin) or choose another distribution"
     )
 
 
 def test_a_master_that_never_comes_up_times_out(tmp_path):
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip("torch is not installed")
+    need_torch()
     port = hub_ports()
-    base = node_tree(tmp_path, "node1", {"train.py": "print(1)\n"})
+    base = make_tree(tmp_path / "node1", {"train.py": "print(1)\n"})
     env = node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="train.py",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="1", WORLD_SIZE="2",
                    TRAINENV_PEER_TIMEOUT_SECONDS="2")
     t0 = time.monotonic()
-    done = train(base, env)
+    done = run_trainenv("train", env=env)
     assert done.returncode == 78, done.stderr
     assert time.monotonic() - t0 < 30
-    first = failure_of(base).splitlines()[0]
+    first = failure(base).splitlines()[0]
     assert first.startswith(f"ConfigError: timed out after 2 s waiting for node 0 at 127.0.0.1:{port + 1} (connection refused)")
     assert f"trainenv: waiting for node 0 at 127.0.0.1:{port + 1}" in done.stderr
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not installed")
+@needs_mpirun
 def test_mpi_node_zero_whose_other_node_never_comes_times_out(tmp_path):
     port = hub_ports()
-    base = node_tree(tmp_path, "node0", {"train.py": "print(1)\n"}, resource_config=cluster("localhost", hosts=("localhost", "fakenode1")))
-    done = train(base, node_env(tmp_path, base, TRAINENV_DISTRIBUTION="mpi", TRAINENV_ENTRY_POINT="train.py",
+    base = make_tree(tmp_path / "node0", {"train.py": "print(1)\n"}, resource_config=cluster("localhost", hosts=("localhost", "fakenode1")))
+    done = run_trainenv("train", env=node_env(tmp_path, base, TRAINENV_DISTRIBUTION="mpi", TRAINENV_ENTRY_POINT="train.py",
                                 TRAINENV_MASTER_PORT=str(port), TRAINENV_PEER_TIMEOUT_SECONDS="1.5"))
     assert done.returncode == 78, done.stderr
-    assert failure_of(base).splitlines()[0].startswith(
+    assert failure(base).splitlines()[0].startswith(
         f"ConfigError: timed out after 1.5 s waiting for fakenode1 (node 1) to connect to node 0 on port {port + 1}"
     )
 
@@ -571,11 +559,6 @@ def test_mpi_node_zero_whose_other_node_never_comes_times_out(tmp_path):
 # -- the real engines (-m distributed) --------------------------------------------------------
 
 
-
-
-def _report(record_property, name: str, seconds: float) -> None:
-    record_property(f"{name}_seconds", round(seconds, 2))
-    print(f"\n[wall time] {name}: {seconds:.1f} s")
 
 
 def ranks_of(results, world: int) -> List[dict]:
@@ -597,13 +580,13 @@ def test_torchrun_two_trainenv_nodes_pai_style_on_loopback(tmp_path, record_prop
     procs = []
     t0 = time.monotonic()
     for node in (0, 1):
-        base = node_tree(tmp_path, f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE})
+        base = make_tree(tmp_path / f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE})
         env = node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="torch_allreduce.py",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE="2",
                        NPROC_PER_NODE="2", GLOO_SOCKET_IFNAME="lo")
-        procs.append(start([TRAINENV, "train"], env=env, log_dir=tmp_path))
+        procs.append(start([*TRAINENV, "train"], env=env, log_dir=tmp_path))
     results = wait_all(procs, TORCH_TIMEOUT)
-    _report(record_property, "trainenv_torchrun_loopback", time.monotonic() - t0)
+    report_wall_time(record_property, "trainenv_torchrun_loopback", time.monotonic() - t0)
 
     ranks = ranks_of(results, 4)
     assert [(r["node"], r["local_rank"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -625,13 +608,13 @@ def test_torchrun_c10d_two_namespaced_nodes_from_resourceconfig(tmp_path, record
         procs = []
         t0 = time.monotonic()
         for node in (0, 1):
-            base = node_tree(tmp_path, f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE},
+            base = make_tree(tmp_path / f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE},
                              resource_config=cluster(f"node{node}"))
             env = node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="torch_allreduce.py",
                            TRAINENV_NPROC_PER_NODE="2", TRAINENV_RDZV_BACKEND="c10d")
-            procs.append(nodes.start(node, [TRAINENV, "train"], env=env, log_dir=tmp_path))
+            procs.append(nodes.start(node, [*TRAINENV, "train"], env=env, log_dir=tmp_path))
         results = wait_all(procs, TORCH_TIMEOUT)
-        _report(record_property, "trainenv_torchrun_netns_c10d", time.monotonic() - t0)
+        report_wall_time(record_property, "trainenv_torchrun_netns_c10d", time.monotonic() - t0)
 
     ranks = ranks_of(results, 4)
     by_host = {r["rank"]: r["host"] for r in ranks}
@@ -650,21 +633,21 @@ def test_torchrun_a_failing_rank_fails_every_node(tmp_path, record_property):
     procs, bases = [], []
     t0 = time.monotonic()
     for node in (0, 1):
-        base = node_tree(tmp_path, f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE}, hyperparameters={"fail-rank": 3})
+        base = make_tree(tmp_path / f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE}, hyperparameters={"fail-rank": 3})
         bases.append(base)
         env = node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="torch_allreduce.py",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE="2",
                        NPROC_PER_NODE="2", GLOO_SOCKET_IFNAME="lo", TRAINENV_GRACE_SECONDS="5")
-        procs.append(start([TRAINENV, "train"], env=env, log_dir=tmp_path))
+        procs.append(start([*TRAINENV, "train"], env=env, log_dir=tmp_path))
     results = wait_all(procs, TORCH_TIMEOUT, grace_after_failure=60)
-    _report(record_property, "trainenv_torchrun_failure", time.monotonic() - t0)
+    report_wall_time(record_property, "trainenv_torchrun_failure", time.monotonic() - t0)
 
     for base, result in zip(bases, results):
         assert not result.timed_out and result.returncode not in (0, None), result.describe()
-        first = failure_of(base).splitlines()[0]
+        first = failure(base).splitlines()[0]
         assert first.startswith("UserError: script torch_allreduce.py exited with status 1"), first
     # torchrun's own report names the root cause: rank 3 on node 1 exited 1.
-    root_cause = failure_of(bases[1]).split("Root Cause")[1]
+    root_cause = failure(bases[1]).split("Root Cause")[1]
     assert "rank      : 3" in root_cause and "exitcode  : 1" in root_cause
     assert "rank 3: failing on purpose" in results[1].stderr
 
@@ -673,7 +656,7 @@ def mpi_nodes(tmp_path: Path, hosts, *, hyperparameters=None, interface: Optiona
     bases = []
     for node, host in enumerate(hosts):
         rc = cluster(host, hosts=hosts, **({"network_interface_name": interface} if interface else {}))
-        bases.append(node_tree(tmp_path, f"node{node}", {"mpi_allreduce.py": MPI_EXAMPLE},
+        bases.append(make_tree(tmp_path / f"node{node}", {"mpi_allreduce.py": MPI_EXAMPLE},
                                hyperparameters=hyperparameters or {"lr": 0.5}, resource_config=rc))
     return bases
 
@@ -693,10 +676,10 @@ def test_mpi_two_trainenv_nodes_through_a_login_like_agent(tmp_path, record_prop
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log", login_env=True)
     port = hub_ports()
     t0 = time.monotonic()
-    procs = [start([TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
+    procs = [start([*TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
                    log_dir=tmp_path) for base in reversed(bases)]  # node 1 first: it waits for node 0
     worker, master = wait_all(procs, MPI_TIMEOUT)
-    _report(record_property, "trainenv_mpi_loopback", time.monotonic() - t0)
+    report_wall_time(record_property, "trainenv_mpi_loopback", time.monotonic() - t0)
 
     ranks = ranks_of([master, worker], 4)
     assert json_lines(worker.stdout) == []  # node 1 runs no rank itself: node 0's mpirun does
@@ -717,10 +700,10 @@ def test_mpi_two_namespaced_nodes_with_own_hostnames(tmp_path, record_property):
         agent = write_rsh_agent(tmp_path / "fake-rsh", nodes, log=tmp_path / "agent.log", login_env=True)
         options = f"--mca oob_tcp_if_include {nodes.subnet} --mca btl_tcp_if_include {nodes.subnet} --mca btl self,tcp"
         t0 = time.monotonic()
-        procs = [nodes.start(node, [TRAINENV, "train"], env=mpi_env(tmp_path, base, 29500, agent, TRAINENV_MPI_OPTIONS=options),
+        procs = [nodes.start(node, [*TRAINENV, "train"], env=mpi_env(tmp_path, base, 29500, agent, TRAINENV_MPI_OPTIONS=options),
                              log_dir=tmp_path) for node, base in enumerate(bases)]
         master, worker = wait_all(procs, MPI_TIMEOUT)
-        _report(record_property, "trainenv_mpi_netns", time.monotonic() - t0)
+        report_wall_time(record_property, "trainenv_mpi_netns", time.monotonic() - t0)
 
     ranks = ranks_of([master, worker], 4)
     assert [r["host"] for r in ranks] == ["node0", "node0", "node1", "node1"]
@@ -736,16 +719,16 @@ def test_mpi_a_failing_rank_fails_every_node(tmp_path, record_property):
     agent = write_rsh_agent(tmp_path / "fake-rsh", login_env=True)
     port = hub_ports()
     t0 = time.monotonic()
-    procs = [start([TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
+    procs = [start([*TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
                    log_dir=tmp_path) for base in bases]
     master, worker = wait_all(procs, MPI_TIMEOUT)
-    _report(record_property, "trainenv_mpi_failure", time.monotonic() - t0)
+    report_wall_time(record_property, "trainenv_mpi_failure", time.monotonic() - t0)
 
     assert master.returncode == 1, master.describe()
     assert worker.returncode == 1, worker.describe()
-    first = failure_of(bases[0]).splitlines()[0]
+    first = failure(bases[0]).splitlines()[0]
     assert first == "UserError: script mpi_allreduce.py exited with status 1: RuntimeError: rank 3 fails on purpose (--fail-rank)"
-    relayed = failure_of(bases[1])
+    relayed = failure(bases[1])
     assert relayed.splitlines()[0] == (
         "UserError: on node 0 (localhost): script mpi_allreduce.py exited with status 1: "
         "RuntimeError: rank 3 fails on purpose (--fail-rank)"

@@ -7,13 +7,13 @@ local mode, "building reads and never writes", and bad cluster / cgroup / GPU in
 
 from __future__ import annotations
 
-from trainenv.frozen import FrozenRecordError, fields
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from support import build_env, one_line_error, without_ml_dir
 from trainenv import resources
 from trainenv.environment import (
     TrainingEnv,
@@ -21,20 +21,8 @@ from trainenv.environment import (
     load_training_env,
     training_env,
 )
-from trainenv.errors import EXIT_CONFIG, ConfigError
-
-
-def build(base: Path, **environ: str) -> TrainingEnv:
-    return build_training_env({"TRAINENV_BASE_DIR": str(base), **environ})
-
-
-def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> str:
-    message = str(excinfo.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert excinfo.value.exit_code == EXIT_CONFIG
-    return message
+from trainenv.errors import ConfigError
+from trainenv.frozen import FrozenRecordError, fields
 
 
 # ---------------------------------------------------------------------------------------
@@ -42,7 +30,7 @@ def one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> str:
 
 
 def test_research_tree_snapshot(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     base = str(research_tree)
     assert env.base_dir == base and env.local_mode is False
     assert dict(env.hyperparameters) == {
@@ -70,7 +58,7 @@ def test_research_tree_snapshot(research_tree):
 
 
 def test_platform_hyperparameters_never_reach_argv(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     assert env.to_cmd_args() == [
         "--lr", "0.1", "--epochs", "3", "--flag", "true", "--layers", "[1,2]",
         "--cfg", '{"a":1}', "--name", "x y",
@@ -80,10 +68,10 @@ def test_platform_hyperparameters_never_reach_argv(research_tree):
 
 
 def test_job_name_precedence(research_tree, job_tree):
-    assert build(research_tree).job_name == "job-123"
-    assert build(research_tree, TRAINING_JOB_NAME="sm-job").job_name == "sm-job"
-    assert build(research_tree, TRAINING_JOB_NAME="sm-job", TRAINENV_JOB_NAME="mine").job_name == "mine"
-    assert build(job_tree()).job_name == "trainenv-job"
+    assert build_env(research_tree).job_name == "job-123"
+    assert build_env(research_tree, TRAINING_JOB_NAME="sm-job").job_name == "sm-job"
+    assert build_env(research_tree, TRAINING_JOB_NAME="sm-job", TRAINENV_JOB_NAME="mine").job_name == "mine"
+    assert build_env(job_tree()).job_name == "trainenv-job"
 
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +81,7 @@ MAPPING_FIELDS = ("hyperparameters", "framework_parameters", "channel_dirs", "in
 
 
 def test_snapshot_is_frozen(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     with pytest.raises(FrozenRecordError):
         env.num_cpus = 99  # type: ignore[misc]
     with pytest.raises(FrozenRecordError):
@@ -126,7 +114,7 @@ def test_snapshot_is_frozen(research_tree):
     lambda env: env.resource_config["hosts"].append("algo-2"),
 ], ids=["hp-dict", "hp-list", "channel-config", "resource-config-list"])
 def test_nested_values_are_read_only_too(research_tree, mutate):
-    env = build(research_tree)
+    env = build_env(research_tree)
     before = env.to_env_vars(("sagemaker",))
     with pytest.raises((TypeError, AttributeError)):
         mutate(env)
@@ -134,7 +122,7 @@ def test_nested_values_are_read_only_too(research_tree, mutate):
 
 
 def test_snapshot_is_a_mapping(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     names = list(fields(TrainingEnv))
     as_dict = dict(env)
     assert list(as_dict) == names and len(env) == len(names)
@@ -145,7 +133,7 @@ def test_snapshot_is_a_mapping(research_tree):
 
 
 def test_json_round_trip(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     again = TrainingEnv.from_dict(json.loads(env.to_json()))
     assert again == env
     assert again.to_dict() == env.to_dict()
@@ -157,14 +145,14 @@ def test_json_round_trip(research_tree):
 
 
 def test_round_trip_keeps_gpus(research_tree, fake_nvml):
-    env = build(research_tree)
+    env = build_env(research_tree)
     assert env.num_gpus == 2
     again = TrainingEnv.from_dict(json.loads(env.to_json()))
     assert again == env and again.gpus[1]["uuid"] == env.gpus[1]["uuid"]
 
 
 def test_json_dumps_of_dict_env(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     assert json.loads(json.dumps(dict(env))) == env.to_dict()
 
 
@@ -180,7 +168,7 @@ def write_snapshot(path: Path, env: TrainingEnv, **changes) -> Path:
 
 
 def test_training_env_loads_the_env_file_without_probing(research_tree, tmp_path, monkeypatch):
-    snapshot = write_snapshot(tmp_path / "env.json", build(research_tree), num_cpus=77, hosts=["h-from-file"])
+    snapshot = write_snapshot(tmp_path / "env.json", build_env(research_tree), num_cpus=77, hosts=["h-from-file"])
     # The tree itself is now unreadable as a job: probing it would fail.
     (research_tree / "input/config/hyperparameters.json").write_text("{broken")
     env = training_env({"TRAINENV_ENV_FILE": str(snapshot), "TRAINENV_BASE_DIR": str(research_tree)})
@@ -218,7 +206,7 @@ def test_env_file_missing_fields_names_the_file(tmp_path):
 # Local mode, and building never writes
 
 
-@pytest.mark.skipif(os.path.isdir("/ml"), reason="/ml exists on this machine: not local mode")
+@without_ml_dir
 def test_local_mode_resolves_under_cwd_and_creates_nothing(tmp_path, monkeypatch, tree_state):
     cwd = tmp_path / "laptop"
     cwd.mkdir()
@@ -238,7 +226,7 @@ def test_local_mode_resolves_under_cwd_and_creates_nothing(tmp_path, monkeypatch
 def test_building_reads_and_never_writes(research_tree, tree_state, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = tree_state(tmp_path)
-    env = build(research_tree)
+    env = build_env(research_tree)
     env.to_env_vars(("pai", "sagemaker", "vertex"))
     env.to_json()
     assert tree_state(tmp_path) == before
@@ -255,7 +243,7 @@ def test_channels_are_inputdataconfig_then_dirs(job_tree):
         channels=["alpha", "extra-b", "extra-a"],
         files={"input/data/loose-file": "x"},
     )
-    env = build(base)
+    env = build_env(base)
     assert env.channels == ("zeta", "alpha", "extra-a", "extra-b")
     data_dir = Path(env.data_dir)
     for channel, directory in env.channel_dirs.items():
@@ -263,27 +251,27 @@ def test_channels_are_inputdataconfig_then_dirs(job_tree):
 
 
 def test_extra_output_dirs_are_output_channels(job_tree):
-    env = build(job_tree(output_channels=["profiler", "data"]))
+    env = build_env(job_tree(output_channels=["profiler", "data"]))
     assert list(env.output_dirs) == ["model", "checkpoints", "tensorboard", "data", "profiler"]
     assert env.output_dirs["profiler"] == str(Path(env.output_dir) / "profiler")
 
 
 def test_hyperparameter_names_that_collide_after_normalization(job_tree):
     with pytest.raises(ConfigError) as excinfo:
-        build(job_tree(hyperparameters={"learning-rate": "1", "learning_rate": "2"}))
+        build_env(job_tree(hyperparameters={"learning-rate": "1", "learning_rate": "2"}))
     one_line_error(excinfo, "'learning-rate'", "'learning_rate'", "LEARNING_RATE")
 
 
 def test_channel_names_that_collide_after_normalization(job_tree):
     with pytest.raises(ConfigError) as excinfo:
-        build(job_tree(channels=["train-a", "train_a"]))
+        build_env(job_tree(channels=["train-a", "train_a"]))
     one_line_error(excinfo, "'train-a'", "'train_a'")
 
 
 def test_name_collision_error_names_the_file(job_tree):
     base = job_tree(hyperparameters={"learning-rate": "1", "learning_rate": "2"})
     with pytest.raises(ConfigError) as excinfo:
-        build(base)
+        build_env(base)
     one_line_error(excinfo, str(base / "input/config/hyperparameters.json"))
 
 
@@ -318,7 +306,7 @@ def test_bad_cluster_input(job_tree, tree_state, resource_config, environ, fragm
     base = job_tree(hyperparameters={"lr": "0.1"}, resource_config=resource_config)
     before = tree_state(base)
     with pytest.raises(ConfigError) as excinfo:
-        build(base, **environ)
+        build_env(base, **environ)
     one_line_error(excinfo, *fragments)
     if resource_config is not None:
         assert str(base / "input/config/resourceconfig.json") in str(excinfo.value)
@@ -364,16 +352,16 @@ def test_a_cgroup_quota_caps_num_cpus(job_tree, tmp_path):
 
 def test_gpus_come_from_nvml_and_visibility(job_tree, fake_nvml):
     base = job_tree()
-    env = build(base)
+    env = build_env(base)
     assert env.num_gpus == 2
     assert [g["index"] for g in env.gpus] == [0, 1]
     assert env.gpus[0]["name"] == "Fake GPU 80GB" and env.gpus[0]["memory_bytes"] == 80 * 1024**3
-    only_second = build(base, CUDA_VISIBLE_DEVICES="1")
+    only_second = build_env(base, CUDA_VISIBLE_DEVICES="1")
     assert only_second.num_gpus == 1
     assert only_second.gpus[0]["index"] == 0  # cuda:0 inside the job
     assert only_second.gpus[0]["uuid"].startswith("GPU-00000001")
-    assert build(base, CUDA_VISIBLE_DEVICES="").num_gpus == 0
-    assert build(base, CUDA_VISIBLE_DEVICES="-1").num_gpus == 0
+    assert build_env(base, CUDA_VISIBLE_DEVICES="").num_gpus == 0
+    assert build_env(base, CUDA_VISIBLE_DEVICES="-1").num_gpus == 0
 
 
 @pytest.mark.parametrize(
@@ -390,6 +378,6 @@ def test_visible_devices_naming_gpus_that_do_not_exist(job_tree, tree_state, fak
     base = job_tree()
     before = tree_state(base)
     with pytest.raises(ConfigError) as excinfo:
-        build(base, **{variable: value})
+        build_env(base, **{variable: value})
     one_line_error(excinfo, variable, *fragments)
     assert tree_state(base) == before

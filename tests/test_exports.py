@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import TRAINENV, job_environ, make_tree
-from trainenv.environment import TrainingEnv, build_training_env, training_env
+from support import build_env, job_environ, make_tree, run_train, run_trainenv
+from trainenv.environment import training_env
 from trainenv.errors import ConfigError
 from trainenv.exports import (
     MAX_VAR_BYTES,
@@ -31,10 +31,6 @@ from trainenv.exports import (
 )
 
 ALL_COMPAT = ("pai", "sagemaker", "vertex")
-
-
-def build(base: Path, **environ: str) -> TrainingEnv:
-    return build_training_env({"TRAINENV_BASE_DIR": str(base), **environ})
 
 
 def var_bytes(name: str, value: str) -> int:
@@ -95,7 +91,7 @@ def test_cmd_args_keep_file_order_one_element_per_value():
 
 def test_argv_reaches_a_real_process_unchanged(job_tree):
     hps = {"name": json.dumps("x y"), "quote": json.dumps("it's \"q\""), "empty": json.dumps(""), "flag": "true"}
-    env = build(job_tree(hyperparameters=hps))
+    env = build_env(job_tree(hyperparameters=hps))
     out = subprocess.run(
         ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))", *env.to_cmd_args()],
         capture_output=True, text=True, check=True,
@@ -146,7 +142,7 @@ AWS_TRAINING_ENV_KEYS = {
 
 def test_sagemaker_names_match_aws_for_the_research_tree(research_tree):
     assert len(AWS_NAMES) == 39 and len(AWS_TRAINING_ENV_KEYS) == 37
-    env = build(research_tree)
+    env = build_env(research_tree)
     variables = env.to_env_vars(("sagemaker",), entry_point="train.py")
     assert {k for k in variables if k.startswith("SM_")} == AWS_NAMES
     assert {k for k in variables if not k.startswith("SM_")} == {k for k in env.to_env_vars(()) }
@@ -154,7 +150,7 @@ def test_sagemaker_names_match_aws_for_the_research_tree(research_tree):
 
 
 def test_sagemaker_values_match_aws_for_the_research_tree(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     v = env.to_env_vars(("sagemaker",), entry_point="train.py")
     config = research_tree / "input/config"
     # Same text as AWS's toolkit (research notes §3.8) ...
@@ -192,7 +188,7 @@ def test_sagemaker_values_match_aws_for_the_research_tree(research_tree):
 
 
 def test_sagemaker_hp_names_are_normalized(job_tree):
-    env = build(job_tree(hyperparameters={"learning-rate": "0.1", "model.depth": "3"}))
+    env = build_env(job_tree(hyperparameters={"learning-rate": "0.1", "model.depth": "3"}))
     v = env.to_env_vars(("sagemaker",))
     assert v["SM_HP_LEARNING_RATE"] == "0.1" and v["SM_HP_MODEL_DEPTH"] == "3"
     assert "SM_HP_LEARNING-RATE" not in v
@@ -204,7 +200,7 @@ def test_sagemaker_framework_params_hold_unknown_platform_hyperparameters(resear
     hps = json.loads(path.read_text())
     hps["sagemaker_mpi_enabled"] = "true"
     path.write_text(json.dumps(hps))
-    v = build(research_tree).to_env_vars(("sagemaker",))
+    v = build_env(research_tree).to_env_vars(("sagemaker",))
     assert json.loads(v["SM_FRAMEWORK_PARAMS"]) == {"sagemaker_mpi_enabled": True}
     assert json.loads(v["SM_DISTRIBUTION_INSTANCE_GROUPS"]) == ["homogeneousCluster"]
     assert "sagemaker_mpi_enabled" not in v["SM_HPS"] and "sagemaker" not in v["SM_USER_ARGS"]
@@ -229,7 +225,7 @@ def test_malformed_sagemaker_platform_values_are_config_errors(research_tree, hp
     (config / "hyperparameters.json").write_text(json.dumps(hps))
     (config / "resourceconfig.json").write_text(json.dumps(rc))
     with pytest.raises(ConfigError) as excinfo:
-        build(research_tree).to_env_vars(("sagemaker",))
+        build_env(research_tree).to_env_vars(("sagemaker",))
     assert str(config) in str(excinfo.value)
 
 
@@ -250,7 +246,7 @@ PROCESS_LEVEL = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def test_always_set_is_the_contract_set(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     v = env.to_env_vars(())
     per_name = {f"TRAINENV_HP_{normalize(n)}" for n in env.hyperparameters} | {
         f"TRAINENV_CHANNEL_{normalize(c)}" for c in env.channels
@@ -268,7 +264,7 @@ def test_always_set_is_the_contract_set(research_tree):
 
 
 def test_compat_sets_are_selected(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     prefixes = lambda compat: {name.split("_")[0] for name in env.to_env_vars(compat)}  # noqa: E731
     assert prefixes(()) == {"TRAINENV"}
     assert prefixes(("pai",)) == {"TRAINENV", "PAI"}
@@ -279,7 +275,7 @@ def test_compat_sets_are_selected(research_tree):
 
 
 def test_pai_set(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     v = env.to_env_vars(("pai",))
     pai = {k for k in v if k.startswith("PAI_")}
     assert pai == {
@@ -320,7 +316,7 @@ def hostile_values(marker: Path) -> list:
 def test_pai_user_args_quote_each_token_once(job_tree, tmp_path):
     marker = tmp_path / "pwned"
     values = hostile_values(marker)
-    env = build(job_tree(hyperparameters={f"v{i}": json.dumps(value) for i, value in enumerate(values)}))
+    env = build_env(job_tree(hyperparameters={f"v{i}": json.dumps(value) for i, value in enumerate(values)}))
     expected = [item for i, value in enumerate(values) for item in (f"--v{i}", value)]
     assert list(env.user_args) == expected
     pai_user_args = env.to_env_vars(("pai",))["PAI_USER_ARGS"]
@@ -334,7 +330,7 @@ def test_pai_user_args_quote_each_token_once(job_tree, tmp_path):
 
 
 def test_vertex_set(research_tree):
-    env = build(research_tree)
+    env = build_env(research_tree)
     v = env.to_env_vars(("vertex",))
     assert {k for k in v if k.startswith("AIP_")} == {
         "AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "AIP_TRAINING_DATA_URI", "AIP_VALIDATION_DATA_URI",
@@ -357,15 +353,15 @@ def three_nodes(job_tree, current="algo-2", **extra):
 
 
 def test_multi_node_names_only_with_several_nodes(research_tree, job_tree):
-    single = build(research_tree).to_env_vars(ALL_COMPAT)
+    single = build_env(research_tree).to_env_vars(ALL_COMPAT)
     assert not MULTI_NODE & set(single) and "CLUSTER_SPEC" not in single and "NCCL_SOCKET_IFNAME" not in single
-    several = build(three_nodes(job_tree)).to_env_vars(ALL_COMPAT)
+    several = build_env(three_nodes(job_tree)).to_env_vars(ALL_COMPAT)
     assert MULTI_NODE <= set(several)
     assert not PROCESS_LEVEL & set(single) and not PROCESS_LEVEL & set(several)
 
 
 def test_multi_node_values(job_tree):
-    env = build(three_nodes(job_tree))
+    env = build_env(three_nodes(job_tree))
     v = env.to_env_vars(ALL_COMPAT)
     assert (v["MASTER_ADDR"], v["MASTER_PORT"], v["NODE_RANK"], v["NNODES"], v["NPROC_PER_NODE"]) == ("algo-1", "29500", "1", "3", "1")
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "NPROC_PER_NODE"):
@@ -385,7 +381,7 @@ def test_multi_node_values(job_tree):
 
 
 def test_platform_master_port_is_kept(job_tree):
-    v = build(three_nodes(job_tree, current="algo-1"), MASTER_PORT="23456").to_env_vars(())
+    v = build_env(three_nodes(job_tree, current="algo-1"), MASTER_PORT="23456").to_env_vars(())
     assert v["MASTER_PORT"] == "23456" and v["NODE_RANK"] == "0"
 
 
@@ -395,7 +391,7 @@ def test_platform_master_port_is_kept(job_tree):
 
 def test_a_value_over_32_kib_stays_in_the_snapshot_only(job_tree, tmp_path):
     big = "x" * (40 * 1024)
-    env = build(job_tree(hyperparameters={"big": json.dumps(big), "small": "1"}))
+    env = build_env(job_tree(hyperparameters={"big": json.dumps(big), "small": "1"}))
     v = env.to_env_vars(ALL_COMPAT)
     for name in ("TRAINENV_HP_BIG", "PAI_HPS_BIG", "SM_HP_BIG", "TRAINENV_HPS", "TRAINENV_USER_ARGS", "PAI_HPS", "SM_HPS"):
         assert name not in v
@@ -415,7 +411,7 @@ def test_the_cap_counts_bytes_at_the_boundary(job_tree, char):
     width = len(char.encode())
     fits = char * (room // width)
     over = fits + "x" * (room - len(fits.encode()) + 1)
-    env = build(job_tree(hyperparameters={"v": json.dumps(fits), "w": json.dumps(over)}))
+    env = build_env(job_tree(hyperparameters={"v": json.dumps(fits), "w": json.dumps(over)}))
     v = env.to_env_vars(())
     assert var_bytes(name, v[name]) <= MAX_VAR_BYTES and v[name] == fits
     assert "TRAINENV_HP_W" not in v and "TRAINENV_HP_W" in json.loads(v[OMITTED_NAME])
@@ -431,7 +427,7 @@ def big_job(job_tree, value_length: int):
 
 
 def test_1000_hosts_100_channels_1000_hyperparameters_is_launchable(job_tree):
-    env = build(big_job(job_tree, 64))
+    env = build_env(big_job(job_tree, 64))
     assert (env.num_nodes, len(env.channels), len(env.hyperparameters)) == (1000, 100, 1000)
     v = env.to_env_vars(ALL_COMPAT, entry_point="train.py")
     assert all(var_bytes(k, value) <= MAX_VAR_BYTES for k, value in v.items())
@@ -444,7 +440,7 @@ def test_1000_hosts_100_channels_1000_hyperparameters_is_launchable(job_tree):
 
 
 def test_the_total_environment_stays_under_the_kernel_limit(job_tree):
-    env = build(big_job(job_tree, 1000))
+    env = build_env(big_job(job_tree, 1000))
     v = env.to_env_vars(ALL_COMPAT)
     subprocess.run(["/bin/true"], env=v, check=True)  # env only: argv is the user's own choice
 
@@ -453,7 +449,7 @@ def test_the_total_environment_stays_under_the_kernel_limit(job_tree):
 def test_every_accepted_value_is_launchable(job_tree, value):
     base = job_tree(hyperparameters=json.dumps({"a": value}))
     try:
-        env = build(base)
+        env = build_env(base)
     except ConfigError as exc:
         assert str(base) in str(exc) and "'a'" in str(exc)
         return
@@ -462,7 +458,7 @@ def test_every_accepted_value_is_launchable(job_tree, value):
 
 @pytest.mark.parametrize("value_length, budget", [(200, 256 * 1024), (1000, 1024 * 1024)], ids=["256KiB", "1MiB"])
 def test_total_budget_is_respected(job_tree, value_length, budget):
-    env = build(big_job(job_tree, value_length))
+    env = build_env(big_job(job_tree, value_length))
     v = env.to_env_vars(ALL_COMPAT, total_budget=budget)
     assert sum(entry_bytes(k, value) for k, value in v.items()) <= budget
     if value_length < 256:  # 1000 short TRAINENV_HP_* fit in the budget: only the compat copies go
@@ -480,7 +476,7 @@ def strict_json(text: str):
 def test_json_variables_are_strict_json(job_tree, document):
     base = job_tree(hyperparameters=document)
     try:
-        env = build(base)
+        env = build_env(base)
     except ConfigError:
         return
     v = env.to_env_vars(ALL_COMPAT)
@@ -504,9 +500,8 @@ REPORT = (
 def train_report(tmp_path, hyperparameters, preexec_fn=None):
     """Run a real ``trainenv train`` whose entry point reports the argv names and training_env()."""
     base = make_tree(tmp_path, {"train.py": REPORT}, hyperparameters)
-    done = subprocess.run(
-        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="pai,sagemaker"),
-        capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn,
+    done = run_trainenv(
+        "train", env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="pai,sagemaker"), preexec_fn=preexec_fn
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout), [line for line in done.stderr.splitlines() if "left out of the arguments" in line]
@@ -547,7 +542,7 @@ def test_argv_and_environment_fit_the_limit_the_kernel_computes(tmp_path):
 
 
 def test_sagemaker_job_name_is_the_platforms_or_null(research_tree):
-    env = build(research_tree)  # hyperparameters.json names the job (sagemaker_job_name: job-123)
+    env = build_env(research_tree)  # hyperparameters.json names the job (sagemaker_job_name: job-123)
     assert env.job_name == "job-123"
     assert json.loads(env.to_env_vars(("sagemaker",))["SM_TRAINING_ENV"])["job_name"] is None
     named = env.to_env_vars(("sagemaker",), training_job_name="train-2026")
@@ -558,10 +553,7 @@ def test_sagemaker_job_name_in_a_real_job(tmp_path):
     script = "import json, os\nprint(json.dumps(json.loads(os.environ['SM_TRAINING_ENV'])['job_name']))\n"
     base = make_tree(tmp_path, {"train.py": script})
     for extra, expected in (({}, None), ({"TRAINING_JOB_NAME": "sm-job-7"}, "sm-job-7")):
-        done = subprocess.run(
-            [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker", **extra),
-            capture_output=True, text=True, timeout=60,
-        )
+        done = run_train(base, text=True, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker", **extra)
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout) == expected
 
@@ -569,10 +561,7 @@ def test_sagemaker_job_name_in_a_real_job(tmp_path):
 def test_sagemaker_output_data_dir_exists_when_the_job_starts(tmp_path):
     script = "import os\nopen(os.path.join(os.environ['SM_OUTPUT_DATA_DIR'], 'metrics.json'), 'w').write('{}')\n"
     base = make_tree(tmp_path, {"train.py": script})
-    done = subprocess.run(
-        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker"),
-        capture_output=True, text=True, timeout=60,
-    )
+    done = run_train(base, text=True, TRAINENV_ENTRY_POINT="train.py", TRAINENV_COMPAT="sagemaker")
     assert done.returncode == 0, done.stderr
     assert (base / "output" / "data" / "metrics.json").is_file()
 
@@ -587,9 +576,8 @@ def test_an_inherited_environment_near_the_limit_still_launches(tmp_path):
 
     base = make_tree(tmp_path, {"train.py": REPORT}, {"lr": "0.1", "notes": "n" * 20_000})
     inherited = {"BIG_A": "a" * (110 * 1024), "BIG_B": "b" * (110 * 1024)}
-    done = subprocess.run(
-        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", **inherited),
-        capture_output=True, text=True, timeout=60, preexec_fn=small_stack,
+    done = run_trainenv(
+        "train", env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", **inherited), timeout=60, preexec_fn=small_stack
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["sizes"] == {"lr": 3, "notes": 20_000}

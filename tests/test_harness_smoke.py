@@ -19,21 +19,18 @@ import pytest
 
 from distributed_harness import (
     MPI_ALLREDUCE,
-    PYTHON,
     TORCH_ALLREDUCE,
     NetnsCluster,
-    clean_env,
-    free_port,
-    need_mpi,
-    need_netns,
-    need_torch,
     json_lines,
+    launcher_environ,
     mpirun_argv,
+    need_netns,
+    report_wall_time,
     start,
     wait_all,
     write_rsh_agent,
-    write_script,
 )
+from support import PYTHON, alive, free_port, need_mpi, need_torch, write_script
 
 TORCH_TIMEOUT = 180.0  # ~10 s here; 6 interpreters importing torch on 2 cores
 MPI_TIMEOUT = 60.0
@@ -64,21 +61,16 @@ def _ranks(results, expected_world: int) -> List[dict]:
     return ranks
 
 
-def _report(record_property, name: str, seconds: float) -> None:
-    record_property(f"{name}_seconds", round(seconds, 2))
-    print(f"\n[wall time] {name}: {seconds:.1f} s")
-
-
 @pytest.mark.distributed
 def test_torchrun_two_nodes_on_loopback(tmp_path, record_property):
     need_torch()
     script = write_script(tmp_path / "allreduce.py", TORCH_ALLREDUCE)
     port = free_port()
-    env = clean_env(tmp_path, GLOO_SOCKET_IFNAME="lo")  # gloo would bind to the hostname's address
+    env = launcher_environ(tmp_path, GLOO_SOCKET_IFNAME="lo")  # gloo would bind to the hostname's address
     t0 = time.monotonic()
     procs = [start(_torchrun(n, "127.0.0.1", port, script), env=env, log_dir=tmp_path) for n in (0, 1)]
     results = wait_all(procs, TORCH_TIMEOUT)
-    _report(record_property, "torchrun_loopback", time.monotonic() - t0)
+    report_wall_time(record_property, "torchrun_loopback", time.monotonic() - t0)
 
     ranks = _ranks(results, 4)
     assert [r["group_rank"] for r in ranks] == [0, 0, 1, 1]
@@ -92,7 +84,7 @@ def test_torchrun_two_namespaced_nodes_with_own_hostnames(tmp_path, record_prope
     need_torch()
     need_netns()
     script = write_script(tmp_path / "allreduce.py", TORCH_ALLREDUCE)
-    env = clean_env(tmp_path)
+    env = launcher_environ(tmp_path)
     with NetnsCluster(2, tmp_path) as cluster:
         port = 29555  # each namespace has its own, empty port space
         t0 = time.monotonic()
@@ -101,7 +93,7 @@ def test_torchrun_two_namespaced_nodes_with_own_hostnames(tmp_path, record_prope
             for n in (0, 1)
         ]
         results = wait_all(procs, TORCH_TIMEOUT)
-        _report(record_property, "torchrun_netns", time.monotonic() - t0)
+        report_wall_time(record_property, "torchrun_netns", time.monotonic() - t0)
 
     ranks = _ranks(results, 4)
     assert [r["host"] for r in ranks] == ["node0", "node0", "node1", "node1"]
@@ -113,7 +105,7 @@ def test_netns_teardown_leaves_nothing(tmp_path):
     need_netns()
     hosts_before = Path("/etc/hosts").read_text()
     with NetnsCluster(3, tmp_path) as cluster:
-        sleeper = cluster.start(2, ["sleep", "300"], env=clean_env(tmp_path), log_dir=tmp_path)
+        sleeper = cluster.start(2, ["sleep", "300"], env=launcher_environ(tmp_path), log_dir=tmp_path)
         names = list(cluster.namespaces)
         listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert all(name in listed for name in names)
@@ -130,8 +122,8 @@ def test_mpirun_four_ranks_on_two_fake_hosts_through_the_agent(tmp_path, record_
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log")
     argv = mpirun_argv(["localhost:2", "fakenode1:2"], 4, agent, "lo", [PYTHON, script])
     t0 = time.monotonic()
-    (result,) = wait_all([start(argv, env=clean_env(tmp_path), log_dir=tmp_path)], MPI_TIMEOUT)
-    _report(record_property, "mpirun_loopback", time.monotonic() - t0)
+    (result,) = wait_all([start(argv, env=launcher_environ(tmp_path), log_dir=tmp_path)], MPI_TIMEOUT)
+    report_wall_time(record_property, "mpirun_loopback", time.monotonic() - t0)
 
     _ranks([result], 4)
     # The second host's daemon was started through the agent, as ssh would on a real cluster.
@@ -147,9 +139,9 @@ def test_mpirun_across_namespaced_nodes(tmp_path, record_property):
         agent = write_rsh_agent(tmp_path / "fake-rsh", cluster, log=tmp_path / "agent.log")
         argv = mpirun_argv(["node0:2", "node1:2"], 4, agent, cluster.subnet, [PYTHON, script])
         t0 = time.monotonic()
-        proc = cluster.start(0, argv, env=clean_env(tmp_path), log_dir=tmp_path)
+        proc = cluster.start(0, argv, env=launcher_environ(tmp_path), log_dir=tmp_path)
         (result,) = wait_all([proc], MPI_TIMEOUT)
-        _report(record_property, "mpirun_netns", time.monotonic() - t0)
+        report_wall_time(record_property, "mpirun_netns", time.monotonic() - t0)
 
     ranks = _ranks([result], 4)
     assert [r["host"] for r in ranks] == ["node0", "node0", "node1", "node1"]
@@ -164,29 +156,20 @@ def test_wait_all_kills_the_whole_tree_at_the_deadline(tmp_path):
         "print(p.pid, flush=True)\n"
         "time.sleep(300)\n"
     )
-    proc = start([PYTHON, "-c", child], env=clean_env(tmp_path), log_dir=tmp_path)
+    proc = start([PYTHON, "-c", child], env=launcher_environ(tmp_path), log_dir=tmp_path)
     t0 = time.monotonic()
     (result,) = wait_all([proc], 1.5)
     assert result.timed_out
     assert time.monotonic() - t0 < 6
     grandchild = int(result.stdout.split()[0])
     deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(grandchild)
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it counts as dead)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    assert not alive(grandchild)
 
 
 def test_wait_all_cuts_the_wait_short_once_a_node_failed(tmp_path):
-    env = clean_env(tmp_path)
+    env = launcher_environ(tmp_path)
     failing = start([PYTHON, "-c", "import sys; sys.exit(3)"], env=env, log_dir=tmp_path)
     waiting = start(["sleep", "300"], env=env, log_dir=tmp_path)
     t0 = time.monotonic()
@@ -214,7 +197,7 @@ def test_netns_setup_failure_still_tears_down(tmp_path, monkeypatch):
 def test_login_env_agent_starts_the_command_from_a_bare_environment(tmp_path):
     """Like sshd: the remote command sees a login environment, not the caller's variables."""
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log", login_env=True)
-    env = clean_env(tmp_path, CALLER_ONLY="leaked", PATH="/nowhere:" + os.environ.get("PATH", ""))
+    env = launcher_environ(tmp_path, CALLER_ONLY="leaked", PATH="/nowhere:" + os.environ.get("PATH", ""))
     done = subprocess.run(
         [str(agent), "-x", "fakenode1", 'echo "[$CALLER_ONLY]" "$PATH" "$HOME"'],
         env=env, capture_output=True, text=True, timeout=10,

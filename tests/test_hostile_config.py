@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import TRAINENV, failure, job_environ, make_tree, run_train
+from support import failure, job_environ, make_tree, run_train, run_trainenv
 MAX_DEPTH = 100  # trainenv.config.MAX_DEPTH, the documented cap
 
 TRAIN_PY = "import os\nprint('CHANNELS=' + os.environ['TRAINENV_CHANNELS'])\n"
@@ -127,10 +127,7 @@ print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t
 
 def run_measured(base: Path, **extra: str) -> tuple:
     """``(exit status, peak RSS in KiB, seconds)`` of a real ``trainenv train``, under a 2 GiB cap."""
-    done = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, TRAINENV, "train"],
-        env=job_environ(base, **extra), capture_output=True, timeout=120,
-    )
+    done = run_trainenv("train", prefix=[sys.executable, "-c", PEAK_RSS], env=job_environ(base, **extra), text=False)
     status, rss, took = done.stdout.decode().split()
     return int(status), int(rss), float(took), done.stderr.decode(errors="replace")
 

@@ -14,9 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
-from launch_support import TRAINENV, job_environ, make_tree
+from support import TRAINENV, alive, job_environ, make_tree, need_pid_namespace, run_train, run_trainenv
 
 LONG_LINE = """
 import os, sys
@@ -39,10 +37,10 @@ def test_a_line_of_megabytes_is_split_in_linear_time_and_bounded_memory(tmp_path
         "sys.exit(code)\n"
     )
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", wrapper, str(out_path), TRAINENV, "train", "--log-prefix"],
+    done = run_trainenv(
+        "train", "--log-prefix", prefix=[sys.executable, "-c", wrapper, str(out_path)],
         env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_CURRENT_HOST="", CHUNKS=str(chunks)),
-        capture_output=True, timeout=300,
+        text=False, timeout=300,
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     elapsed = time.monotonic() - started
@@ -73,18 +71,9 @@ def test_a_line_of_megabytes_is_split_in_linear_time_and_bounded_memory(tmp_path
 ESCAPE = 'setsid sleep 1000 & while [ "$(cat /proc/$!/comm 2>/dev/null)" != sleep ]; do :; done; echo $! > "$MARK"'
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie is dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _gone_or_kill(pid: int) -> bool:
     """Whether ``pid`` is gone; kill it if not, so no test leaves a process behind."""
-    if not _alive(pid):
+    if not alive(pid):
         return True
     os.kill(pid, signal.SIGKILL)
     return False
@@ -107,7 +96,7 @@ def _run_escape(argv: list, mark: Path, **options) -> subprocess.CompletedProces
 def test_a_process_in_its_own_session_does_not_outlive_the_job(tmp_path):
     base = make_tree(tmp_path)
     mark = tmp_path / "escaped.pid"
-    done = _run_escape([TRAINENV, "train"], mark, env=job_environ(base, TRAINENV_COMMAND=ESCAPE, MARK=str(mark)))
+    done = _run_escape([*TRAINENV, "train"], mark, env=job_environ(base, TRAINENV_COMMAND=ESCAPE, MARK=str(mark)))
     assert done.returncode == 0, done.stderr.decode()
     assert mark.with_suffix(".alive").read_text() == "False", "the setsid sleep outlived trainenv train"
 
@@ -115,7 +104,7 @@ def test_a_process_in_its_own_session_does_not_outlive_the_job(tmp_path):
 def test_local_mode_ends_what_the_job_left_too(tmp_path):
     mark = tmp_path / "escaped.pid"
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINENV_")}
-    done = _run_escape([TRAINENV, "local", "--command", ESCAPE], mark, cwd=tmp_path, env=dict(env, MARK=str(mark)))
+    done = _run_escape([*TRAINENV, "local", "--command", ESCAPE], mark, cwd=tmp_path, env=dict(env, MARK=str(mark)))
     assert done.returncode == 0, done.stderr.decode()
     assert mark.with_suffix(".alive").read_text() == "False", "the setsid sleep outlived trainenv local"
 
@@ -133,14 +122,12 @@ while not os.path.exists(os.environ["MARK"] + ".up"):
 
 
 def test_as_pid_1_what_the_job_left_gets_sigterm_before_the_end(tmp_path):
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+    need_pid_namespace()
     base = make_tree(tmp_path, {"train.py": CHECKPOINTING_ESCAPEE})
     mark = tmp_path / "escapee"
-    done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", TRAINENV, "train"],
-        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)), capture_output=True, timeout=60,
+    done = run_trainenv(
+        "train", prefix=["unshare", "--pid", "--fork", "--mount-proc"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)), text=False, timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()
     # Not the kernel's SIGKILL when PID 1 exits: SIGTERM first, with time to act on it.
@@ -151,7 +138,7 @@ def test_sigterm_to_trainenv_reaches_a_process_in_its_own_session(tmp_path):
     script = CHECKPOINTING_ESCAPEE + "open(os.environ['MARK'] + '.ready', 'w').close()\ntime.sleep(600)\n"
     base = make_tree(tmp_path, {"train.py": script})
     mark = tmp_path / "escapee"
-    launcher = subprocess.Popen([TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)),
+    launcher = subprocess.Popen([*TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", MARK=str(mark)),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
@@ -190,7 +177,7 @@ def test_sigterm_during_the_peer_wait_ends_it_at_once_with_a_signal_failure(tmp_
         '{"current_host": "127.0.0.2", "hosts": ["127.0.0.1", "127.0.0.2"]}'
     )
     proc = subprocess.Popen(
-        [TRAINENV, "train", "--entry-point", "train.py", "--distribution", "torchrun", "--master-port", "9"],
+        [*TRAINENV, "train", "--entry-point", "train.py", "--distribution", "torchrun", "--master-port", "9"],
         env=job_environ(base),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -212,23 +199,17 @@ def test_sigterm_during_the_peer_wait_ends_it_at_once_with_a_signal_failure(tmp_
 def test_log_level_and_installer_options_reach_the_launcher(tmp_path):
     """``--log-level quiet`` silences trainenv's info lines; ``--installer pip`` is the installer used."""
     base = make_tree(tmp_path, {"train.py": "print('ran')\n", "requirements.txt": "# nothing to install\npip\n"})
-    done = subprocess.run(
-        [TRAINENV, "train", "--entry-point", "train.py", "--installer", "pip", "--log-level", "debug"],
-        env=job_environ(base, TMPDIR=str(tmp_path)), capture_output=True, timeout=120,
-    )
+    done = run_train(base, "--entry-point", "train.py", "--installer", "pip", "--log-level", "debug", timeout=120, TMPDIR=str(tmp_path))
     assert done.returncode == 0, done.stderr.decode()
     assert b"pip" in done.stderr and b"with uv" not in done.stderr, done.stderr.decode()
-    quiet = subprocess.run(
-        [TRAINENV, "train", "--entry-point", "train.py", "--no-install", "--log-level", "quiet"],
-        env=job_environ(base), capture_output=True, timeout=60,
-    )
+    quiet = run_train(base, "--entry-point", "train.py", "--no-install", "--log-level", "quiet")
     assert quiet.returncode == 0 and quiet.stdout == b"ran\n"
     assert quiet.stderr == b"", quiet.stderr.decode()
 
 
 def test_a_cluster_error_in_usercode_trainenv_yaml_names_that_file(tmp_path):
     base = make_tree(tmp_path, {"train.py": "", "trainenv.yaml": "hosts: []\n"})
-    done = subprocess.run([TRAINENV, "train", "--entry-point", "train.py"], env=job_environ(base), capture_output=True, timeout=60)
+    done = run_train(base, "--entry-point", "train.py")
     assert done.returncode == 78
     first = (base / "output" / "failure").read_text().splitlines()[0]
     assert str(base / "usercode" / "trainenv.yaml") in first, first
@@ -237,8 +218,6 @@ def test_a_cluster_error_in_usercode_trainenv_yaml_names_that_file(tmp_path):
 def test_a_secret_hyperparameter_is_scrubbed_from_errors_raised_while_planning(tmp_path):
     """The entry point is checked while the plan is built: its error may quote a secret value."""
     base = make_tree(tmp_path, {}, {"hf_token": "hf_sEcReT1234567"})
-    done = subprocess.run(
-        [TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="hf_sEcReT1234567"), capture_output=True, timeout=60
-    )
+    done = run_train(base, TRAINENV_ENTRY_POINT="hf_sEcReT1234567")
     assert done.returncode == 78
     assert b"sEcReT" not in done.stderr and "sEcReT" not in (base / "output" / "failure").read_text()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ensurepip
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_wheels import build_wheel, serve_directory, simple_index
+from support import free_port, need_uv, needs_uv
 from trainenv.errors import ConfigError, InstallError
 from trainenv.install import InstallRequest, install_requirements
 from trainenv.install.installers import INSTALLER_VARIABLE, find_uv
@@ -28,7 +28,6 @@ from trainenv.install.run import run_installer
 
 INSTALLERS = ["pip", "uv"]
 UV = find_uv(os.environ)
-needs_uv = pytest.mark.skipif(UV is None, reason="uv is not installed")
 
 
 def _make_venv(path: Path, with_pip: bool) -> str:
@@ -115,15 +114,9 @@ class Job:
 
 
 def _job(tmp_path, target_python, base_env, installer) -> Job:
-    if installer in ("uv", "auto") and UV is None:
-        pytest.skip("uv is not installed")
+    if installer in ("uv", "auto"):
+        need_uv()
     return Job(tmp_path, target_python, base_env, installer)
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- nothing to do ------------------------------------------------------------------------
@@ -267,7 +260,7 @@ def test_unknown_package_fails_without_retry(tmp_path, target_python, base_env, 
 @pytest.mark.parametrize("installer", INSTALLERS)
 def test_network_error_is_retried_once(tmp_path, target_python, base_env, installer):
     job = _job(tmp_path, target_python, base_env, installer)
-    port = _closed_port()
+    port = free_port()
     req = job.requirements(f"--index-url http://127.0.0.1:{port}/simple", "tiny_offline", local_index=False)
     started = time.monotonic()
     with pytest.raises(InstallError) as caught:
@@ -285,7 +278,7 @@ def test_network_error_is_retried_once(tmp_path, target_python, base_env, instal
 @pytest.mark.parametrize("installer", INSTALLERS)
 def test_secrets_never_reach_the_log_the_message_or_the_tail(tmp_path, target_python, base_env, installer):
     job = _job(tmp_path, target_python, base_env, installer)
-    port = _closed_port()
+    port = free_port()
     job.env["PIP_EXTRA_INDEX_URL"] = f"http://alice:s3cr3t-tok-123@127.0.0.1:{port}/simple"
     job.env["HF_TOKEN"] = "hf-tok-abc-123"
     # an invalid requirement both installers echo verbatim, holding both secret values
@@ -471,8 +464,7 @@ def test_default_marker_dir_is_private_and_container_local():
 
 
 def test_skip_marker_is_written_atomically_with_private_dir(tmp_path, target_python, base_env):
-    if UV is None:
-        pytest.skip("uv is not installed")
+    need_uv()
     job = Job(tmp_path, target_python, base_env, "uv")
     build_wheel(job.wheels, "tiny_marker", "1.0")
     job.install(job.requirements("tiny_marker"))

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import TRAINENV, failure, job_environ, make_tree
-from trainenv.install.installers import find_uv
+from support import TRAINENV, failure, job_environ, make_tree, need_pid_namespace, need_uv
 
 BACKEND = '''\
 import os, signal, time
@@ -111,11 +110,11 @@ def _kill_all(pids: "list[int]") -> None:
 
 @pytest.mark.parametrize("installer,stop", [("pip", signal.SIGTERM), ("uv", signal.SIGTERM), ("uv", signal.SIGINT)])
 def test_stop_signal_during_install_stops_the_installer_tree(tmp_path, installer, stop):
-    if installer == "uv" and find_uv(os.environ) is None:
-        pytest.skip("uv is not installed")
+    if installer == "uv":
+        need_uv()
     base, mark, extra = _hanging_job(tmp_path)
     launcher = subprocess.Popen(
-        [TRAINENV, "train"], env=job_environ(base, TRAINENV_INSTALLER=installer, **extra),
+        [*TRAINENV, "train"], env=job_environ(base, TRAINENV_INSTALLER=installer, **extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -137,14 +136,11 @@ def test_stop_signal_during_install_stops_the_installer_tree(tmp_path, installer
 
 
 def test_sigterm_to_pid_1_during_install(tmp_path):
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
-    if find_uv(os.environ) is None:
-        pytest.skip("uv is not installed")
+    need_pid_namespace()
+    need_uv()
     base, mark, extra = _hanging_job(tmp_path)
     launcher = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", TRAINENV, "train"],
+        ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", *TRAINENV, "train"],
         env=job_environ(base, TRAINENV_INSTALLER="uv", **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
@@ -179,7 +175,7 @@ def test_sigterm_while_waiting_for_another_launchers_install(tmp_path):
     with open(markers / f"{key}.lock", "a+b") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         launcher = subprocess.Popen(
-            [TRAINENV, "train"], env=job_environ(base, TRAINENV_PYTHON=sys.executable, **extra),
+            [*TRAINENV, "train"], env=job_environ(base, TRAINENV_PYTHON=sys.executable, **extra),
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         lines: list = []

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).parent.parent
-TRAINENV = str(Path(sys.executable).with_name("trainenv"))
-QUICKSTART = ROOT / "examples" / "quickstart"
+from support import REPO, TRAINENV, clean_environ, run_trainenv
 
-
-def local_environ(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAINENV_")}
-    env.update(extra)
-    return env
+QUICKSTART = REPO / "examples" / "quickstart"
 
 
 def local(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([TRAINENV, "local", *args], cwd=tmp_path, env=local_environ(), capture_output=True, timeout=120)
+    return run_trainenv("local", *args, text=False, cwd=tmp_path)
 
 
 def job_dirs(tmp_path: Path) -> list:
@@ -117,9 +109,9 @@ def test_two_local_jobs_started_together_share_nothing(tmp_path):
     try:
         for name, lr in (("a", "0.1"), ("b", "0.2")):
             jobs[name] = subprocess.Popen(
-                [TRAINENV, "local", "--source-dir", str(source), "--entry-point", "show.py", "--hp", f"name={name}",
+                [*TRAINENV, "local", "--source-dir", str(source), "--entry-point", "show.py", "--hp", f"name={name}",
                  "--hp", f"lr={lr}"],
-                cwd=tmp_path, env=local_environ(SYNC=str(sync)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=tmp_path, env=clean_environ(SYNC=str(sync)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )
             deadline = time.monotonic() + 60
             while not (sync / f"{name}.started").exists():
@@ -150,8 +142,7 @@ def test_the_job_runs_in_a_copy_of_the_source_dir_which_is_never_written_to(tmp_
     (source / "link").symlink_to("train.py")
     before = sorted(p.name for p in source.iterdir())
     for _ in range(2):  # the source dir is the cwd: the jobs dir inside it is never copied
-        done = subprocess.run([TRAINENV, "local", "--source-dir", ".", "--entry-point", "train.py"], cwd=source,
-                              env=local_environ(), capture_output=True, timeout=120)
+        done = run_trainenv("local", "--source-dir", ".", "--entry-point", "train.py", text=False, cwd=source)
         assert done.returncode == 0, done.stderr.decode()
         assert done.stdout.decode().strip() == "['link', 'scratch.txt', 'train.py']"
     assert sorted(p.name for p in source.iterdir() if p.name != "trainenv-jobs") == before
@@ -166,9 +157,9 @@ def test_local_takes_every_launch_setting_of_train(tmp_path):
     (tmp_path / "src" / "show.py").write_text(show)
     (tmp_path / "src" / "requirements.txt").write_text("no-such-package-xyz==1.0\n")
     args = ["--source-dir", str(tmp_path / "src"), "--entry-point", "show.py", "--compat", "sagemaker", "--no-install"]
-    done = subprocess.run([TRAINENV, "local", *args], cwd=tmp_path, env=local_environ(NAP="0"), capture_output=True, timeout=120)
+    done = run_trainenv("local", *args, extra_env={"NAP": "0"}, text=False, cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().strip().endswith("/output/model")  # sagemaker's names; requirements not installed
-    limited = subprocess.run([TRAINENV, "local", *args, "--max-run-seconds", "1", "--grace-seconds", "1"], cwd=tmp_path,
-                             env=local_environ(NAP="60"), capture_output=True, timeout=120)
+    limited = run_trainenv("local", *args, "--max-run-seconds", "1", "--grace-seconds", "1", extra_env={"NAP": "60"},
+                           text=False, cwd=tmp_path)
     assert limited.returncode == 124, limited.stderr.decode()

@@ -12,25 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+from support import PYTHON, eval_in_sh, tree_state_of
 
-PYTHON = sys.executable
 TRAIN_PY = "print('ran')\n"
-
-
-def eval_in_sh(exports: str) -> dict:
-    """Every variable the ``export`` lines set, read back from a real ``sh``."""
-    names = re.findall(r"^export ([A-Za-z_][A-Za-z0-9_]*)=", exports, re.MULTILINE)
-    script = 'eval "$EXPORTS"; for n in "$@"; do eval "printf \'%s\\0%s\\0\' \\"\\$n\\" \\"\\${$n}\\""; done'
-    out = subprocess.run(
-        ["sh", "-c", script, "sh", *names], env={"PATH": os.environ["PATH"], "EXPORTS": exports},
-        capture_output=True, check=True,
-    ).stdout.decode("utf-8")
-    parts = out.split("\0")[:-1]
-    return dict(zip(parts[0::2], parts[1::2]))
 
 
 def dry_run_view(text: str) -> tuple:
@@ -49,8 +35,6 @@ class Views:
     """The three views of one job's plan, from the real commands."""
 
     def __init__(self, run_trainenv, base: Path, options=(), **environ: str) -> None:
-        from conftest import tree_state_of
-
         extra = {"TRAINENV_BASE_DIR": str(base), "TRAINENV_RUN_DIR": str(base.parent / "run"), **environ}
         before = tree_state_of(base.parent)
         dry = run_trainenv("train", "--dry-run", *options, extra_env=extra)

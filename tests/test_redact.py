@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import shlex
-import subprocess
 
 import pytest
 
-from launch_support import TRAINENV, failure, job_environ, make_tree
+from support import failure, make_tree, run_train
 from trainenv.redact import MASK, is_secret_name, redact_data, redact_text, secret_values
 
 SECRET_NAMES = [
@@ -80,10 +79,6 @@ def test_redact_data_masks_by_name_at_any_depth_and_scrubs_the_rest():
     }
 
 
-def run_train(base, *args, **extra):
-    return subprocess.run([TRAINENV, "train", *args], env=job_environ(base, **extra), capture_output=True, text=True, timeout=60)
-
-
 def launcher_lines(stderr: str) -> str:
     return "\n".join(line for line in stderr.splitlines() if line.startswith("trainenv:"))
 
@@ -91,7 +86,7 @@ def launcher_lines(stderr: str) -> str:
 def test_a_bad_setting_carrying_a_secret_never_reaches_the_failure_file(tmp_path):
     """The error shows the bad value as Python's repr: the secret's repr form is scrubbed too."""
     base = make_tree(tmp_path, {"train.py": ""})
-    done = run_train(base, TRAINENV_ENTRY_POINT="train.py", HF_TOKEN=AWKWARD, TRAINENV_GRACE_SECONDS=AWKWARD)
+    done = run_train(base, text=True, TRAINENV_ENTRY_POINT="train.py", HF_TOKEN=AWKWARD, TRAINENV_GRACE_SECONDS=AWKWARD)
     assert done.returncode == 78
     text = failure(base)
     assert text.startswith("ConfigError: TRAINENV_GRACE_SECONDS: '***': expected a number"), text
@@ -102,7 +97,7 @@ def test_a_long_secret_cut_short_in_an_error_is_still_scrubbed(tmp_path):
     """Error messages cut long values at 80 characters: the part of the secret that shows goes too."""
     secret = "hf_" + "Zq9" * 40
     base = make_tree(tmp_path, {"train.py": ""})
-    done = run_train(base, TRAINENV_ENTRY_POINT="train.py", HF_TOKEN=secret, TRAINENV_GRACE_SECONDS=secret)
+    done = run_train(base, text=True, TRAINENV_ENTRY_POINT="train.py", HF_TOKEN=secret, TRAINENV_GRACE_SECONDS=secret)
     assert done.returncode == 78
     text = failure(base)
     assert text.startswith("ConfigError: TRAINENV_GRACE_SECONDS: '***...: expected a number"), text
@@ -121,7 +116,7 @@ def test_the_working_directory_is_not_scrubbed_from_logs():
 def test_a_secret_hyperparameter_in_a_traceback_never_reaches_the_failure_file(tmp_path):
     script = "import sys\nraise ValueError(f'bad arguments: {sys.argv[1:]!r}')\n"
     base = make_tree(tmp_path, {"train.py": script}, {"db_password": AWKWARD, "lr": 0.1})
-    done = run_train(base, TRAINENV_ENTRY_POINT="train.py")
+    done = run_train(base, text=True, TRAINENV_ENTRY_POINT="train.py")
     assert done.returncode == 1
     text = failure(base)
     assert "ValueError: bad arguments: ['--db_password', '***', '--lr', '0.1']" in text, text
@@ -130,12 +125,12 @@ def test_a_secret_hyperparameter_in_a_traceback_never_reaches_the_failure_file(t
 
 def test_dry_run_hides_secrets_unless_asked(tmp_path):
     base = make_tree(tmp_path, {"train.py": ""}, {"hf_token": AWKWARD, "lr": 0.1})
-    done = run_train(base, "--dry-run", TRAINENV_ENTRY_POINT="train.py")
+    done = run_train(base, "--dry-run", text=True, TRAINENV_ENTRY_POINT="train.py")
     assert done.returncode == 0, done.stderr
     assert "S3cr" not in done.stdout
     assert "  # TRAINENV_HP_HF_TOKEN: secret, not shown (--show-secrets shows it)" in done.stdout.splitlines()
     assert "  # TRAINENV_HPS: holds a secret, not shown (--show-secrets shows it)" in done.stdout.splitlines()
     assert '"--hf_token", "***"' in done.stdout
-    shown = run_train(base, "--dry-run", "--show-secrets", TRAINENV_ENTRY_POINT="train.py")
+    shown = run_train(base, "--dry-run", "--show-secrets", text=True, TRAINENV_ENTRY_POINT="train.py")
     assert shown.returncode == 0, shown.stderr
     assert json.dumps(AWKWARD, ensure_ascii=False) in shown.stdout

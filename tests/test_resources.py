@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import need_tool
 from trainenv.errors import ConfigError, InternalError
 from trainenv.resources import (
     Gpu,
@@ -195,8 +195,7 @@ def test_proc_cgroup_without_mountinfo_joins_the_usual_place(tmp_path):
 
 
 def test_taskset_limits_a_real_process():
-    if shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
-        pytest.skip("taskset is not installed")
+    need_tool("taskset", "util-linux")
     code = "import os; from trainenv.resources import cpu_count; print(cpu_count(), os.cpu_count())"
     out = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c", code],

@@ -55,19 +55,6 @@ def server(request, tmp_path_factory):
     assert srv.stop() == 0, srv.log
 
 
-def raw(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send ``data`` on a fresh connection, half-close, read the whole answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-
-
 # -- hooks that try to end the process ---------------------------------------------------------------
 
 
@@ -100,7 +87,7 @@ def test_sys_exit_in_ready_fn_means_not_ready(server):
 
 
 def test_a_body_without_content_type_is_json(server):
-    answer = raw(server.port, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n[1, 2]\n")
+    answer = server.send_raw(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n[1, 2]\n", half_close=True)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), answer
     assert json.loads(body) == [1, 2]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import SERVERS, Server, error_of
+from support import SERVERS, TRAINENV, Server, error_of, make_tree, run_train
 from support import make_base as _make_base
 
 MIB = 1024 * 1024
@@ -408,14 +408,7 @@ def test_malformed_requests_are_refused(tmp_path):
         srv.wait_ready()
 
         def raw(data: bytes) -> bytes:
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-                sock.sendall(data)
-                chunks = []
-                while True:
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
+            return srv.send_raw(data, timeout=5)
 
         smuggle = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         assert raw(smuggle).startswith(b"HTTP/1.1 400 ")
@@ -617,13 +610,11 @@ TRAIN_THEN_SERVE = {
 
 
 def test_serve_finds_the_model_that_train_wrote_in_the_same_base_dir(tmp_path):
-    from launch_support import TRAINENV, make_tree, run_train
-
     base = make_tree(tmp_path / "job", TRAIN_THEN_SERVE)
     result = run_train(base, TRAINENV_ENTRY_POINT="train.py")
     assert result.returncode == 0, result.stderr.decode()
     assert (base / "output" / "model" / "model.json").is_file() and not (base / "model").exists()
-    srv = Server(base, {}, argv=[TRAINENV, "serve"])
+    srv = Server(base, {}, argv=[*TRAINENV, "serve"])
     try:
         srv.wait_ready()
         assert srv.post(b"[1, 2]")[2] == b"[3,6]"
@@ -635,9 +626,7 @@ def test_serve_finds_the_model_that_train_wrote_in_the_same_base_dir(tmp_path):
 def test_serve_help_lists_its_options_and_stands_on_its_own():
     import subprocess
 
-    from launch_support import TRAINENV
-
-    result = subprocess.run([TRAINENV, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([*TRAINENV, "serve", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for option in ("--port", "--model-dir", "--server [stdlib|gunicorn]", "--workers"):
         assert option in result.stdout, result.stdout
@@ -647,8 +636,6 @@ def test_serve_help_lists_its_options_and_stands_on_its_own():
 
 @pytest.mark.parametrize("kind", SERVERS)
 def test_serve_options_override_their_variables(tmp_path, kind):
-    from launch_support import TRAINENV
-
     other = "stdlib" if kind == "gunicorn" else "gunicorn"
     bad = {
         "TRAINENV_SERVING_PORT": "eighty",
@@ -656,7 +643,7 @@ def test_serve_options_override_their_variables(tmp_path, kind):
         "TRAINENV_SERVER": other,
         "TRAINENV_SERVING_WORKERS": "zero",
     }
-    argv = [TRAINENV, "serve", "--port", "0", "--model-dir", str(EXAMPLE_MODEL), "--server", kind, "--workers", "1"]
+    argv = [*TRAINENV, "serve", "--port", "0", "--model-dir", str(EXAMPLE_MODEL), "--server", kind, "--workers", "1"]
     srv = Server(tmp_path, bad, argv=argv)
     try:
         srv.wait_ready()
@@ -667,11 +654,9 @@ def test_serve_options_override_their_variables(tmp_path, kind):
 
 
 def test_a_bad_option_or_variable_stops_serve_with_78_naming_it(tmp_path):
-    from launch_support import TRAINENV
-
-    srv = Server(make_base(tmp_path), {}, wait_listening=False, argv=[TRAINENV, "serve", "--port", "eighty"])
+    srv = Server(make_base(tmp_path), {}, wait_listening=False, argv=[*TRAINENV, "serve", "--port", "eighty"])
     assert srv.wait_exit(30) == 78
     assert "option --port: 'eighty' is not a port number" in srv.log, srv.log
-    srv = Server(tmp_path, {"TRAINENV_SERVING_READ_TIMEOUT": "soon"}, wait_listening=False, argv=[TRAINENV, "serve"])
+    srv = Server(tmp_path, {"TRAINENV_SERVING_READ_TIMEOUT": "soon"}, wait_listening=False, argv=[*TRAINENV, "serve"])
     assert srv.wait_exit(30) == 78
     assert "TRAINENV_SERVING_READ_TIMEOUT: 'soon' is not a number of seconds" in srv.log, srv.log

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_support import TRAINENV, failure, job_environ, make_tree, run_train, start_train
+from support import TRAINENV, failure, job_environ, make_tree, need_pid_namespace, need_uv, run_train, run_trainenv, start_train
 
 ARGV_SCRIPT = "import json, sys\nprint(json.dumps(sys.argv[1:]))\n"
 
@@ -330,15 +330,11 @@ print('pid1', open('/proc/1/cmdline').read().replace('\\0', ' ').strip(), 'zombi
 
 
 def test_as_pid_1_reaps_orphans(tmp_path):
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+    need_pid_namespace()
     base = make_tree(tmp_path, {"train.py": ORPHANS})
-    done = subprocess.run(
-        ["unshare", "--pid", "--fork", "--mount-proc", TRAINENV, "train"],
-        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
-        capture_output=True,
-        timeout=60,
+    done = run_trainenv(
+        "train", prefix=["unshare", "--pid", "--fork", "--mount-proc"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"), text=False, timeout=60,
     )
     assert done.returncode == 0, done.stderr.decode()
     out = done.stdout.decode()
@@ -347,12 +343,10 @@ def test_as_pid_1_reaps_orphans(tmp_path):
 
 
 def test_sigterm_to_pid_1_launcher_reaches_the_job(tmp_path):
-    probe = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip("cannot make a PID namespace here")
+    need_pid_namespace()
     base = make_tree(tmp_path, {"train.py": CHECKPOINTER})
     launcher = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", TRAINENV, "train"],
+        ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc", *TRAINENV, "train"],
         env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_GRACE_SECONDS="10"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -369,6 +363,7 @@ def test_sigterm_to_pid_1_launcher_reaches_the_job(tmp_path):
 def test_requirements_are_installed_before_the_entry_point(tmp_path):
     from fixtures_wheels import build_wheel
 
+    need_uv()
     wheels = tmp_path / "wheels"
     build_wheel(wheels, "trainenv_e2e_dep", "1.0")
     target = tmp_path / "target-venv"
@@ -380,8 +375,6 @@ def test_requirements_are_installed_before_the_entry_point(tmp_path):
     marker = tmp_path / "markers"
     done = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_PYTHON=python, TRAINENV_INSTALLER="uv",
                      TMPDIR=str(marker), PYTHONPATH=str(Path(__file__).parent.parent / "src"))
-    if done.returncode != 0 and b"uv" in done.stderr and b"not found" in done.stderr:
-        pytest.skip("uv is not installed")
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout.decode().strip() == f"dep ok {python}"
     again = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_PYTHON=python, TRAINENV_INSTALLER="uv",
@@ -420,8 +413,7 @@ def test_a_failing_dry_run_and_env_write_nothing(tmp_path, tree_state):
     (base / "input" / "config" / "hyperparameters.json").write_text("{not json")
     before = tree_state(tmp_path)
     for command in (["train", "--dry-run"], ["env"]):
-        done = subprocess.run([TRAINENV, *command], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
-                              capture_output=True, timeout=60)
+        done = run_trainenv(*command, env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"), text=False, timeout=60)
         assert done.returncode == 78, (command, done.stderr)
         assert "ConfigError:" in done.stderr.decode() and "hyperparameters.json" in done.stderr.decode()
     assert tree_state(tmp_path) == before  # no failure file, no dirs, no run dir
@@ -453,9 +445,9 @@ def test_read_only_output_is_a_config_error_with_the_reason_on_stderr(tmp_path):
     probe = subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", str(output), "true"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a read-only mount here: {probe.stderr.decode().strip()}")
-    done = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", script, "sh", str(output), TRAINENV, "train"],
-        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"), capture_output=True, timeout=60,
+    done = run_trainenv(
+        "train", prefix=["unshare", "--mount", "sh", "-c", script, "sh", str(output)],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"), text=False, timeout=60,
     )
     assert done.returncode == 78, done.stderr.decode()
     stderr = done.stderr.decode()
