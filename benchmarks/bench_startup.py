@@ -108,12 +108,13 @@ _SCALE_CHILD = textwrap.dedent(
 
     if side == "trainenv":
         import trainenv
+        from trainenv.exports import to_env_vars
         start = time.perf_counter()
         env = trainenv.training_env()
         build = (time.perf_counter() - start) * 1000
         out = {"build_ms": build}
         for label, compat in (("default", None), ("all", ("pai", "sagemaker", "vertex"))):
-            call = env.to_env_vars if compat is None else (lambda c=compat: env.to_env_vars(c))
+            call = (lambda: to_env_vars(env)) if compat is None else (lambda c=compat: to_env_vars(env, c))
             median, low = measure(call)
             out[label] = dict(sizes(call()), median_ms=median, min_ms=low)
     else:

@@ -24,7 +24,8 @@ from support import REPO, eval_in_sh, need_tool, without_ml_dir
 from trainenv import resources
 from trainenv.environment import TrainingEnv, build_training_env
 from trainenv.errors import EXIT_CONFIG
-from trainenv.exports import normalize
+from trainenv.exports import to_env_vars
+from trainenv.values import normalize
 
 ALL_COMPAT = "pai,sagemaker,vertex"
 HP = "input/config/hyperparameters.json"
@@ -114,7 +115,7 @@ def test_shell_format_is_safe_to_eval(run_trainenv, job_tree, tmp_path):
     )
     result = run_trainenv("env", "--format", "shell", extra_env={"TRAINENV_BASE_DIR": str(base), "TRAINENV_COMPAT": ALL_COMPAT})
     assert result.returncode == 0, result.stderr
-    expected = build_training_env({"TRAINENV_BASE_DIR": str(base)}).to_env_vars(tuple(ALL_COMPAT.split(",")))
+    expected = to_env_vars(build_training_env({"TRAINENV_BASE_DIR": str(base)}), tuple(ALL_COMPAT.split(",")))
     lines = result.stdout.splitlines()
     assert lines[0].startswith("export TRAINENV_")
     assert all(re.match(r"export [A-Z0-9_]+=", line) for line in lines if line.startswith("export"))

@@ -22,6 +22,7 @@ from trainenv.environment import (
     training_env,
 )
 from trainenv.errors import ConfigError
+from trainenv.exports import to_env_vars
 from trainenv.frozen import FrozenRecordError, fields
 
 
@@ -115,10 +116,10 @@ def test_snapshot_is_frozen(research_tree):
 ], ids=["hp-dict", "hp-list", "channel-config", "resource-config-list"])
 def test_nested_values_are_read_only_too(research_tree, mutate):
     env = build_env(research_tree)
-    before = env.to_env_vars(("sagemaker",))
+    before = to_env_vars(env, ("sagemaker",))
     with pytest.raises((TypeError, AttributeError)):
         mutate(env)
-    assert env.to_env_vars(("sagemaker",)) == before
+    assert to_env_vars(env, ("sagemaker",)) == before
 
 
 def test_snapshot_is_a_mapping(research_tree):
@@ -227,7 +228,7 @@ def test_building_reads_and_never_writes(research_tree, tree_state, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     before = tree_state(tmp_path)
     env = build_env(research_tree)
-    env.to_env_vars(("pai", "sagemaker", "vertex"))
+    to_env_vars(env, ("pai", "sagemaker", "vertex"))
     env.to_json()
     assert tree_state(tmp_path) == before
     assert not os.path.exists(env.checkpoint_dir) and not os.path.exists(env.tensorboard_dir)

@@ -18,17 +18,8 @@ import pytest
 from support import build_env, job_environ, make_tree, run_train, run_trainenv
 from trainenv.environment import training_env
 from trainenv.errors import ConfigError
-from trainenv.exports import (
-    MAX_VAR_BYTES,
-    OMITTED_NAME,
-    cmd_value,
-    entry_bytes,
-    env_value,
-    normalize,
-    normalized_names,
-    parse_compat,
-    to_cmd_args,
-)
+from trainenv.exports import MAX_VAR_BYTES, OMITTED_NAME, entry_bytes, parse_compat, to_env_vars
+from trainenv.values import cmd_value, env_value, normalize, normalized_names, to_cmd_args
 
 ALL_COMPAT = ("pai", "sagemaker", "vertex")
 
@@ -143,15 +134,15 @@ AWS_TRAINING_ENV_KEYS = {
 def test_sagemaker_names_match_aws_for_the_research_tree(research_tree):
     assert len(AWS_NAMES) == 39 and len(AWS_TRAINING_ENV_KEYS) == 37
     env = build_env(research_tree)
-    variables = env.to_env_vars(("sagemaker",), entry_point="train.py")
+    variables = to_env_vars(env, ("sagemaker",), entry_point="train.py")
     assert {k for k in variables if k.startswith("SM_")} == AWS_NAMES
-    assert {k for k in variables if not k.startswith("SM_")} == {k for k in env.to_env_vars(()) }
+    assert {k for k in variables if not k.startswith("SM_")} == {k for k in to_env_vars(env, ()) }
     assert set(json.loads(variables["SM_TRAINING_ENV"])) == AWS_TRAINING_ENV_KEYS
 
 
 def test_sagemaker_values_match_aws_for_the_research_tree(research_tree):
     env = build_env(research_tree)
-    v = env.to_env_vars(("sagemaker",), entry_point="train.py")
+    v = to_env_vars(env, ("sagemaker",), entry_point="train.py")
     config = research_tree / "input/config"
     # Same text as AWS's toolkit (research notes §3.8) ...
     same = {
@@ -189,7 +180,7 @@ def test_sagemaker_values_match_aws_for_the_research_tree(research_tree):
 
 def test_sagemaker_hp_names_are_normalized(job_tree):
     env = build_env(job_tree(hyperparameters={"learning-rate": "0.1", "model.depth": "3"}))
-    v = env.to_env_vars(("sagemaker",))
+    v = to_env_vars(env, ("sagemaker",))
     assert v["SM_HP_LEARNING_RATE"] == "0.1" and v["SM_HP_MODEL_DEPTH"] == "3"
     assert "SM_HP_LEARNING-RATE" not in v
     assert all(name.replace("_", "").isalnum() and name.isascii() for name in v)
@@ -200,7 +191,7 @@ def test_sagemaker_framework_params_hold_unknown_platform_hyperparameters(resear
     hps = json.loads(path.read_text())
     hps["sagemaker_mpi_enabled"] = "true"
     path.write_text(json.dumps(hps))
-    v = build_env(research_tree).to_env_vars(("sagemaker",))
+    v = to_env_vars(build_env(research_tree), ("sagemaker",))
     assert json.loads(v["SM_FRAMEWORK_PARAMS"]) == {"sagemaker_mpi_enabled": True}
     assert json.loads(v["SM_DISTRIBUTION_INSTANCE_GROUPS"]) == ["homogeneousCluster"]
     assert "sagemaker_mpi_enabled" not in v["SM_HPS"] and "sagemaker" not in v["SM_USER_ARGS"]
@@ -225,7 +216,7 @@ def test_malformed_sagemaker_platform_values_are_config_errors(research_tree, hp
     (config / "hyperparameters.json").write_text(json.dumps(hps))
     (config / "resourceconfig.json").write_text(json.dumps(rc))
     with pytest.raises(ConfigError) as excinfo:
-        build_env(research_tree).to_env_vars(("sagemaker",))
+        to_env_vars(build_env(research_tree), ("sagemaker",))
     assert str(config) in str(excinfo.value)
 
 
@@ -247,7 +238,7 @@ PROCESS_LEVEL = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 def test_always_set_is_the_contract_set(research_tree):
     env = build_env(research_tree)
-    v = env.to_env_vars(())
+    v = to_env_vars(env, ())
     per_name = {f"TRAINENV_HP_{normalize(n)}" for n in env.hyperparameters} | {
         f"TRAINENV_CHANNEL_{normalize(c)}" for c in env.channels
     }
@@ -265,18 +256,18 @@ def test_always_set_is_the_contract_set(research_tree):
 
 def test_compat_sets_are_selected(research_tree):
     env = build_env(research_tree)
-    prefixes = lambda compat: {name.split("_")[0] for name in env.to_env_vars(compat)}  # noqa: E731
+    prefixes = lambda compat: {name.split("_")[0] for name in to_env_vars(env, compat)}  # noqa: E731
     assert prefixes(()) == {"TRAINENV"}
     assert prefixes(("pai",)) == {"TRAINENV", "PAI"}
     assert prefixes(("sagemaker",)) == {"TRAINENV", "SM"}
     assert prefixes(("vertex",)) == {"TRAINENV", "AIP"}
     assert prefixes(ALL_COMPAT) == {"TRAINENV", "PAI", "SM", "AIP"}
-    assert env.to_env_vars() == env.to_env_vars(("pai",)), "pai is the default"
+    assert to_env_vars(env) == to_env_vars(env, ("pai",)), "pai is the default"
 
 
 def test_pai_set(research_tree):
     env = build_env(research_tree)
-    v = env.to_env_vars(("pai",))
+    v = to_env_vars(env, ("pai",))
     pai = {k for k in v if k.startswith("PAI_")}
     assert pai == {
         "PAI_HPS", "PAI_USER_ARGS", "PAI_WORKING_DIR", "PAI_CONFIG_DIR",
@@ -319,7 +310,7 @@ def test_pai_user_args_quote_each_token_once(job_tree, tmp_path):
     env = build_env(job_tree(hyperparameters={f"v{i}": json.dumps(value) for i, value in enumerate(values)}))
     expected = [item for i, value in enumerate(values) for item in (f"--v{i}", value)]
     assert list(env.user_args) == expected
-    pai_user_args = env.to_env_vars(("pai",))["PAI_USER_ARGS"]
+    pai_user_args = to_env_vars(env, ("pai",))["PAI_USER_ARGS"]
     assert shlex.split(pai_user_args) == expected
     # And a real shell splits it the same way without running anything.
     script = 'eval "set -- $PAI_USER_ARGS"; for a in "$@"; do printf "%s\\0" "$a"; done'
@@ -331,7 +322,7 @@ def test_pai_user_args_quote_each_token_once(job_tree, tmp_path):
 
 def test_vertex_set(research_tree):
     env = build_env(research_tree)
-    v = env.to_env_vars(("vertex",))
+    v = to_env_vars(env, ("vertex",))
     assert {k for k in v if k.startswith("AIP_")} == {
         "AIP_MODEL_DIR", "AIP_CHECKPOINT_DIR", "AIP_TENSORBOARD_LOG_DIR", "AIP_TRAINING_DATA_URI", "AIP_VALIDATION_DATA_URI",
     }
@@ -353,16 +344,16 @@ def three_nodes(job_tree, current="algo-2", **extra):
 
 
 def test_multi_node_names_only_with_several_nodes(research_tree, job_tree):
-    single = build_env(research_tree).to_env_vars(ALL_COMPAT)
+    single = to_env_vars(build_env(research_tree), ALL_COMPAT)
     assert not MULTI_NODE & set(single) and "CLUSTER_SPEC" not in single and "NCCL_SOCKET_IFNAME" not in single
-    several = build_env(three_nodes(job_tree)).to_env_vars(ALL_COMPAT)
+    several = to_env_vars(build_env(three_nodes(job_tree)), ALL_COMPAT)
     assert MULTI_NODE <= set(several)
     assert not PROCESS_LEVEL & set(single) and not PROCESS_LEVEL & set(several)
 
 
 def test_multi_node_values(job_tree):
     env = build_env(three_nodes(job_tree))
-    v = env.to_env_vars(ALL_COMPAT)
+    v = to_env_vars(env, ALL_COMPAT)
     assert (v["MASTER_ADDR"], v["MASTER_PORT"], v["NODE_RANK"], v["NNODES"], v["NPROC_PER_NODE"]) == ("algo-1", "29500", "1", "3", "1")
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "NNODES", "NPROC_PER_NODE"):
         assert v["PET_" + name] == v[name]
@@ -376,12 +367,12 @@ def test_multi_node_values(job_tree):
     assert spec["task"] == {"type": "workerpool1", "index": 0}
     assert v["NCCL_SOCKET_IFNAME"] == v["GLOO_SOCKET_IFNAME"] == "eth1"
     assert (v["TRAINENV_NODE_RANK"], v["TRAINENV_NUM_NODES"], v["TRAINENV_MASTER_HOST"]) == ("1", "3", "algo-1")
-    chosen = env.to_env_vars((), nproc_per_node=4, master_port=1234)
+    chosen = to_env_vars(env, (), nproc_per_node=4, master_port=1234)
     assert (chosen["NPROC_PER_NODE"], chosen["MASTER_PORT"], chosen["PET_MASTER_PORT"]) == ("4", "1234", "1234")
 
 
 def test_platform_master_port_is_kept(job_tree):
-    v = build_env(three_nodes(job_tree, current="algo-1"), MASTER_PORT="23456").to_env_vars(())
+    v = to_env_vars(build_env(three_nodes(job_tree, current="algo-1"), MASTER_PORT="23456"), ())
     assert v["MASTER_PORT"] == "23456" and v["NODE_RANK"] == "0"
 
 
@@ -392,7 +383,7 @@ def test_platform_master_port_is_kept(job_tree):
 def test_a_value_over_32_kib_stays_in_the_snapshot_only(job_tree, tmp_path):
     big = "x" * (40 * 1024)
     env = build_env(job_tree(hyperparameters={"big": json.dumps(big), "small": "1"}))
-    v = env.to_env_vars(ALL_COMPAT)
+    v = to_env_vars(env, ALL_COMPAT)
     for name in ("TRAINENV_HP_BIG", "PAI_HPS_BIG", "SM_HP_BIG", "TRAINENV_HPS", "TRAINENV_USER_ARGS", "PAI_HPS", "SM_HPS"):
         assert name not in v
     assert set(json.loads(v[OMITTED_NAME])) >= {"TRAINENV_HP_BIG", "PAI_HPS_BIG", "SM_HP_BIG", "TRAINENV_HPS"}
@@ -412,7 +403,7 @@ def test_the_cap_counts_bytes_at_the_boundary(job_tree, char):
     fits = char * (room // width)
     over = fits + "x" * (room - len(fits.encode()) + 1)
     env = build_env(job_tree(hyperparameters={"v": json.dumps(fits), "w": json.dumps(over)}))
-    v = env.to_env_vars(())
+    v = to_env_vars(env, ())
     assert var_bytes(name, v[name]) <= MAX_VAR_BYTES and v[name] == fits
     assert "TRAINENV_HP_W" not in v and "TRAINENV_HP_W" in json.loads(v[OMITTED_NAME])
 
@@ -429,7 +420,7 @@ def big_job(job_tree, value_length: int):
 def test_1000_hosts_100_channels_1000_hyperparameters_is_launchable(job_tree):
     env = build_env(big_job(job_tree, 64))
     assert (env.num_nodes, len(env.channels), len(env.hyperparameters)) == (1000, 100, 1000)
-    v = env.to_env_vars(ALL_COMPAT, entry_point="train.py")
+    v = to_env_vars(env, ALL_COMPAT, entry_point="train.py")
     assert all(var_bytes(k, value) <= MAX_VAR_BYTES for k, value in v.items())
     assert OMITTED_NAME in v and "SM_TRAINING_ENV" in json.loads(v[OMITTED_NAME])
     assert len(v["TF_CONFIG"]) > 10_000 and v["NNODES"] == "1000"
@@ -441,7 +432,7 @@ def test_1000_hosts_100_channels_1000_hyperparameters_is_launchable(job_tree):
 
 def test_the_total_environment_stays_under_the_kernel_limit(job_tree):
     env = build_env(big_job(job_tree, 1000))
-    v = env.to_env_vars(ALL_COMPAT)
+    v = to_env_vars(env, ALL_COMPAT)
     subprocess.run(["/bin/true"], env=v, check=True)  # env only: argv is the user's own choice
 
 
@@ -453,13 +444,13 @@ def test_every_accepted_value_is_launchable(job_tree, value):
     except ConfigError as exc:
         assert str(base) in str(exc) and "'a'" in str(exc)
         return
-    subprocess.run(["/bin/true", *env.user_args], env=env.to_env_vars(ALL_COMPAT), check=True)
+    subprocess.run(["/bin/true", *env.user_args], env=to_env_vars(env, ALL_COMPAT), check=True)
 
 
 @pytest.mark.parametrize("value_length, budget", [(200, 256 * 1024), (1000, 1024 * 1024)], ids=["256KiB", "1MiB"])
 def test_total_budget_is_respected(job_tree, value_length, budget):
     env = build_env(big_job(job_tree, value_length))
-    v = env.to_env_vars(ALL_COMPAT, total_budget=budget)
+    v = to_env_vars(env, ALL_COMPAT, total_budget=budget)
     assert sum(entry_bytes(k, value) for k, value in v.items()) <= budget
     if value_length < 256:  # 1000 short TRAINENV_HP_* fit in the budget: only the compat copies go
         assert all(f"TRAINENV_HP_HP_{i}" in v for i in range(1000))
@@ -479,7 +470,7 @@ def test_json_variables_are_strict_json(job_tree, document):
         env = build_env(base)
     except ConfigError:
         return
-    v = env.to_env_vars(ALL_COMPAT)
+    v = to_env_vars(env, ALL_COMPAT)
     for name in ("TRAINENV_HPS", "TRAINENV_USER_ARGS", "SM_HPS", "SM_TRAINING_ENV"):
         strict_json(v[name])
     strict_json(v["TRAINENV_HP_A"])
@@ -544,8 +535,8 @@ def test_argv_and_environment_fit_the_limit_the_kernel_computes(tmp_path):
 def test_sagemaker_job_name_is_the_platforms_or_null(research_tree):
     env = build_env(research_tree)  # hyperparameters.json names the job (sagemaker_job_name: job-123)
     assert env.job_name == "job-123"
-    assert json.loads(env.to_env_vars(("sagemaker",))["SM_TRAINING_ENV"])["job_name"] is None
-    named = env.to_env_vars(("sagemaker",), training_job_name="train-2026")
+    assert json.loads(to_env_vars(env, ("sagemaker",))["SM_TRAINING_ENV"])["job_name"] is None
+    named = to_env_vars(env, ("sagemaker",), training_job_name="train-2026")
     assert json.loads(named["SM_TRAINING_ENV"])["job_name"] == "train-2026"
 
 

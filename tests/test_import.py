@@ -70,10 +70,11 @@ def test_import_creates_nothing_and_sets_no_variable(tmp_path):
 
 def test_building_a_snapshot_sets_no_variable(research_tree, monkeypatch):
     from trainenv.environment import build_training_env
+    from trainenv.exports import to_env_vars
 
     monkeypatch.setenv("TRAINENV_BASE_DIR", str(research_tree))
     before = dict(os.environ)
-    build_training_env().to_env_vars(("pai", "sagemaker", "vertex"))
+    to_env_vars(build_training_env(), ("pai", "sagemaker", "vertex"))
     assert dict(os.environ) == before
 
 

@@ -14,7 +14,7 @@ import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Mapping
 
     from trainenv.serving.config import ServingEnv
 
@@ -67,12 +67,6 @@ class TrainingEnv(SnapshotMapping):
     num_gpus: int
     gpus: tuple[Mapping[str, Any], ...]
     resource_config: Mapping[str, Any] | None
-
-    def to_env_vars(self, compat: Sequence[str] = ("pai",), **options: Any) -> dict[str, str]:
-        """The snapshot as environment variables: see ``trainenv.exports``."""
-        from trainenv.exports import to_env_vars
-
-        return to_env_vars(self, compat, **options)
 
     def to_cmd_args(self) -> list[str]:
         """``--name value`` per hyperparameter, in the file's order."""
@@ -143,7 +137,7 @@ def build_training_env(
     """
     from trainenv import config
     from trainenv.cluster import discover_cluster
-    from trainenv.exports import normalized_names, to_cmd_args
+    from trainenv.values import normalized_names, to_cmd_args
 
     layout = layout or Layout.resolve(environ)
     settings_path = settings_source

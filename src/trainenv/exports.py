@@ -43,12 +43,11 @@ name other than ``TRAINENV_*``.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shlex
 
 from trainenv.errors import ConfigError
+from trainenv.values import env_value, normalized_names, to_json
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,30 +68,6 @@ DEFAULT_MASTER_PORT = 29500
 TF_CONFIG_PORT = 2222
 OMITTED_NAME = "TRAINENV_OMITTED"
 
-_NOT_NAME = re.compile(r"[^A-Z0-9_]")
-
-
-def normalize(name: str) -> str:
-    """``learning-rate`` → ``LEARNING_RATE``."""
-    return _NOT_NAME.sub("_", name.upper())
-
-
-def normalized_names(names: Iterable[str], what: str, source: object = None) -> dict[str, str]:
-    """``{name: NORMALIZED}``; a ConfigError when two names normalize to the same thing."""
-    seen: dict[str, str] = {}
-    result: dict[str, str] = {}
-    for name in names:
-        key = normalize(name)
-        if key in seen:
-            where = f"{source}: " if source is not None else ""
-            raise ConfigError(
-                f"{where}{what} names {seen[key]!r} and {name!r} both become {key!r} in environment variable names; rename one"
-            )
-        seen[key] = name
-        result[name] = key
-    return result
-
-
 def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple[str, ...]:
     """``"pai,sagemaker"`` → ``("pai", "sagemaker")``; ``"none"`` → ``()``."""
     parts = [p.strip().lower() for p in value.split(",") if p.strip()]
@@ -102,37 +77,6 @@ def parse_compat(value: str, source: str = "TRAINENV_COMPAT") -> tuple[str, ...]
         if part not in COMPAT_SETS:
             raise ConfigError.at(source, None, f"unknown compat set {part!r}: use a comma list of {', '.join(COMPAT_SETS)} or none")
     return tuple(dict.fromkeys(parts))
-
-
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # one encoder, not one per value
-
-
-def to_json(value: Any) -> str:
-    """Compact JSON, non-ASCII kept as is."""
-    return _COMPACT.encode(value)
-
-
-def env_value(value: Any) -> str:
-    """Strings as they are; ``None`` as empty; everything else compact JSON."""
-    if isinstance(value, str):
-        return value
-    if value is None:
-        return ""
-    return to_json(value)
-
-
-def cmd_value(value: Any) -> str:
-    """One argv element: strings as they are, everything else JSON (``true``, ``[1,2]``, ``null``)."""
-    return value if isinstance(value, str) else to_json(value)
-
-
-def to_cmd_args(hyperparameters: Mapping[str, Any]) -> list[str]:
-    """``--name value`` per hyperparameter, in the file's order; each value one argv element."""
-    args: list[str] = []
-    for name, value in hyperparameters.items():
-        args.append(f"--{name}")
-        args.append(cmd_value(value))
-    return args
 
 
 def _text(value: Any, source: str, key: str) -> str:

@@ -102,11 +102,13 @@ Node 0 writes the hostfile (``<host> slots=<nproc>``, node 0 first) into its run
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import re
 import sys
 
 from trainenv.errors import ConfigError
 from trainenv.frozen import FrozenDict, frozen
+from trainenv.layout import hostfile as hostfile_path
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -340,7 +342,7 @@ def _plan_mpi(
         return Launch(argv=wait, env={}, peers=((env.master_host, hub),))
 
     hosts = env.hosts if env.num_nodes > 1 else ("localhost",)
-    hostfile = os.path.join(directory, "hostfile")
+    hostfile = str(hostfile_path(Path(directory)))
     hostfile_text = "".join(f"{host} slots={nproc}\n" for host in hosts)
     options = list(settings.mpi_options)
     argv: list[str] = [mpirun]

@@ -389,11 +389,10 @@ def relayed_failure(text: str, master: str, code: int) -> str:
 
 
 def _write_file(path: str, text: str) -> None:
+    from trainenv.files import write_atomic
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    write_atomic(path, text)
 
 
 def wait_for_master(

@@ -38,8 +38,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainenv.settings import LaunchSettings
 
 from trainenv.errors import ConfigError, shown
-from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines
+from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines, to_env_vars
 from trainenv.frozen import fields, frozen, plain
+from trainenv.layout import Layout, snapshot_file
 from trainenv.launchers import EntryPoint, Launch, plan_launch
 from trainenv.redact import is_secret_name, known_secrets, redact_data
 
@@ -211,8 +212,6 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
 
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
     """Where this launch keeps its own files (``Layout.run_dir``): never an output channel."""
-    from trainenv.layout import Layout
-
     return str(Layout(Path(env.base_dir), env.local_mode).run_dir(env.job_name, env.current_host, environ))
 
 
@@ -250,7 +249,8 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     args_size = 0
     if entry is not None and entry.kind != "command":
         args, omitted_args, args_size = cap_args(env.user_args, room // 2)
-    exported = env.to_env_vars(
+    exported = to_env_vars(
+        env,
         settings.compat,
         nproc_per_node=nproc,
         master_port=port,
@@ -259,7 +259,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         total_budget=(room - args_size) // (2 if settings.distribution == "mpi" else 1),
     )
     directory = run_dir(env, environ)
-    env_file = os.path.join(directory, "env.json")
+    env_file = str(snapshot_file(Path(directory)))
     names = (*exported, ENV_FILE_NAME, "PYTHONPATH", "PYTHONUNBUFFERED")
     launch = Launch(argv=())
     if entry is not None:

@@ -200,10 +200,6 @@ def _dist_entries(directory: str) -> set[str]:
 
 
 def _write_marker(path: Path, data: Mapping[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    from trainenv.files import write_atomic
+
+    write_atomic(path, json.dumps(data, sort_keys=True))

@@ -64,7 +64,7 @@ def boolean(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _items(value: list[Any] | tuple[Any, ...]) -> tuple[str, ...]:
+def string_items(value: list[Any] | tuple[Any, ...]) -> tuple[str, ...]:
     """A YAML list's items as strings; a nested list or mapping is refused."""
     for index, item in enumerate(value):
         if isinstance(item, (dict, list, tuple)):
@@ -72,18 +72,10 @@ def _items(value: list[Any] | tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(str(item) for item in value)
 
 
-def compat(value: Any) -> tuple[str, ...]:
-    from trainenv.exports import parse_compat
-
-    if isinstance(value, (list, tuple)):
-        value = ",".join(_items(value))
-    return parse_compat(text(value), source="compat")
-
-
 def words(value: Any) -> tuple[str, ...]:
     """A list of strings, or a string split like a shell would (``"a==1 'b>2'"``)."""
     if isinstance(value, (list, tuple)):
-        return _items(value)
+        return string_items(value)
     import shlex  # deferred: most launches have no word list to split
 
     try:

@@ -257,7 +257,7 @@ def _parse(parse: Callable[[Any], Any], raw: Any, where: str) -> Any:
 def serving_variables(values: Mapping[str, Any]) -> dict[str, str]:
     """The settings as the variables that set them (``TRAINENV_SERVING_PORT`` → ``"8080"``), one per
     row: setting these reproduces ``values``. ``None`` is empty (unset)."""
-    from trainenv.exports import env_value
+    from trainenv.values import env_value
 
     out = {}
     for setting in SERVING:

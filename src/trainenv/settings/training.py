@@ -19,7 +19,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.errors import ConfigError, shown
 from trainenv.frozen import FrozenDict, frozen
-from trainenv.settings.rows import Setting, boolean as _boolean, choice as _choice, compat as _compat, number as _number, text as _text, words as _words
+from trainenv.exports import parse_compat
+from trainenv.settings.rows import Setting, boolean as _boolean, choice as _choice, number as _number, string_items, text as _text, words as _words
+
+def _compat(value: Any) -> tuple[str, ...]:
+    """A comma list or a YAML list of compat sets (``trainenv.exports``)."""
+    if isinstance(value, (list, tuple)):
+        value = ",".join(string_items(value))
+    return parse_compat(_text(value), source="compat")
+
 
 DISTRIBUTIONS = ("none", "torchrun", "mpi")
 RDZV_BACKENDS = ("static", "c10d")
