@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
+    from pathlib import Path
     from typing import Any, Iterable
 
     from yaml import Node, SafeLoader
@@ -51,7 +51,7 @@ PLATFORM_HP_PREFIXES = ("sagemaker_",)
 PLATFORM_HP_NAMES = frozenset({"_tuning_objective_metric"})
 
 
-def read_bytes(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
+def read_bytes(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
     """The file's bytes, ``None`` if it does not exist; a ConfigError if unreadable or too big."""
     try:
         with open(path, "rb") as handle:
@@ -69,7 +69,7 @@ def read_bytes(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
     return data
 
 
-def decode_text(path: Path, data: bytes) -> str:
+def decode_text(path: str | Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -16,10 +16,10 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping
 
+    from trainenv.layout import Layout
     from trainenv.serving.config import ServingEnv
 
 from trainenv.errors import ConfigError
-from trainenv.layout import STANDARD_OUTPUT_CHANNELS, Layout
 from trainenv.frozen import FrozenDict, SnapshotMapping, deep_freeze, frozen
 
 ENV_FILE_VAR = "TRAINENV_ENV_FILE"
@@ -111,6 +111,8 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> tuple[int, in
 def _output_channels(layout: Layout) -> list[str]:
     from trainenv.config import check_channel_name, is_dir_entry, is_ignored_dir
 
+    from trainenv.layout import STANDARD_OUTPUT_CHANNELS
+
     names = list(STANDARD_OUTPUT_CHANNELS)
     try:
         entries = sorted(e.name for e in os.scandir(layout.output_dir) if is_dir_entry(e) and not is_ignored_dir(e.name))
@@ -138,6 +140,8 @@ def build_training_env(
     from trainenv import config
     from trainenv.cluster import discover_cluster
     from trainenv.values import normalized_names, to_cmd_args
+
+    from trainenv.layout import Layout
 
     layout = layout or Layout.resolve(environ)
     settings_path = settings_source
@@ -206,14 +210,12 @@ def build_training_env(
 
 def load_training_env(path: str) -> TrainingEnv:
     """Load a snapshot the launcher wrote (``TRAINENV_ENV_FILE``)."""
-    from pathlib import Path
-
     from trainenv.config import MAX_DEPTH, check_depth, decode_text, parse_json, read_bytes
 
-    data = read_bytes(Path(path), max_bytes=256 * 1024 * 1024)
+    data = read_bytes(path, max_bytes=256 * 1024 * 1024)
     if data is None:
         raise ConfigError.at(ENV_FILE_VAR, None, f"{path!r} does not exist")
-    value = parse_json(path, decode_text(Path(path), data))
+    value = parse_json(path, decode_text(path, data))
     if not isinstance(value, dict):
         raise ConfigError.at(path, None, "a snapshot file must hold a JSON object")
     check_depth(path, value, MAX_DEPTH + 2)  # hyperparameters nest at most MAX_DEPTH below the snapshot's top
@@ -235,6 +237,8 @@ def serving_env(environ: Mapping[str, str] | None = None) -> ServingEnv:
 
     environ = os.environ if environ is None else environ
     cpus, _, gpus = probe_hardware(environ)
+    from trainenv.layout import Layout
+
     return resolve_serving_env(environ, Layout.resolve(environ), cpus, len(gpus))
 
 

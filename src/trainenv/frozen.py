@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import json
-from pathlib import PurePath
+import os
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,8 +145,8 @@ def replace(record: Any, **changes: Any) -> Any:
 
 def plain(value: Any) -> Any:
     """A JSON-ready copy of a snapshot value: paths as str, tuples as lists, nested mappings."""
-    if isinstance(value, PurePath):
-        return str(value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, SnapshotMapping):
         return value.to_dict()
     if hasattr(type(value), "_fields") and not isinstance(value, tuple):
