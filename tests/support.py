@@ -17,6 +17,7 @@ Fixtures in ``conftest.py`` wrap these. Specialised harnesses stay apart: ``dist
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import http.client
@@ -366,9 +367,10 @@ class Server:
             TRAINENV_BASE_DIR=str(base),
             TRAINENV_SERVING_HOST="127.0.0.1",
             TRAINENV_SERVING_PORT="0",
-            TRAINENV_SERVING_WORKERS="2",
             PYTHONUNBUFFERED="1",
         )
+        if env.get("TRAINENV_SERVER") == "gunicorn":  # the stdlib server runs one process unless told
+            full_env["TRAINENV_SERVING_WORKERS"] = "2"
         full_env.update(env)
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
@@ -379,11 +381,16 @@ class Server:
             text=True,
             start_new_session=True,
         )
+        _STARTED.append(self.proc)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.port = 0
         if wait_listening:
-            line = self.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", 10)
+            try:
+                line = self.wait_for(r"listening on http://127\.0\.0\.1:(\d+)", 10)
+            except BaseException:
+                self.stop(5)  # a server that never listened must not outlive its test
+                raise
             self.port = int(re.search(r":(\d+) ", line).group(1))
 
     def _read(self) -> None:
@@ -487,10 +494,28 @@ class Server:
         try:
             return self.proc.wait(timeout)
         finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+            _kill_group(self.proc)  # and whatever its workers left in its process group
             self._reader.join(2)
+
+
+_STARTED: List["subprocess.Popen[str]"] = []  # every server started: none may outlive the test run
+
+
+def _kill_group(proc: "subprocess.Popen[str]") -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@atexit.register
+def _stop_every_server() -> None:
+    for proc in _STARTED:
+        _kill_group(proc)
 
 
 def make_base(root: Path, handler: str) -> Path:

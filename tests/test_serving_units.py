@@ -22,10 +22,10 @@ from trainenv.serving import (
     UnprocessableEntity,
     codecs,
     media,
-    protocols,
 )
 from trainenv.serving.config import MIB, ServingEnv, resolve_serving_env
 from trainenv.serving.handler import Handler, HandlerError, HookError, Hooks
+from trainenv.serving.protocols import kserve, vertex
 from trainenv.serving.pool import (
     AlreadyAnswered,
     DeadlineExceeded,
@@ -47,7 +47,7 @@ def resolve(env=None, cpus=8, gpus=0, flags=None, dirs=()):
 def test_defaults():
     env = resolve()
     assert (env.host, env.port, env.port_source) == ("0.0.0.0", 8080, "default")
-    assert env.workers == 4 and env.threads == 4
+    assert env.workers == 1 and env.threads == 4
     assert env.timeout_s == 60 and env.grace_s == 25 and env.startup_timeout_s is None
     assert env.max_request_bytes == 6 * MIB
     assert env.default_accept == "application/json"
@@ -138,11 +138,13 @@ def test_bad_values_are_one_line_config_errors(variables, fragment):
     assert caught.value.exit_code == EXIT_CONFIG
 
 
-def test_workers_default_to_gpus_else_cpus_capped_at_four():
-    assert resolve(cpus=2).workers == 2
-    assert resolve(cpus=64).workers == 4
-    assert resolve(cpus=0).workers == 1
-    assert resolve(cpus=64, gpus=8).workers == 8
+def test_workers_default_to_one_process_and_for_gunicorn_to_gpus_else_cpus_capped_at_four():
+    assert resolve(cpus=64, gpus=8).workers == 1
+    gunicorn = {"TRAINENV_SERVER": "gunicorn"}
+    assert resolve(gunicorn, cpus=2).workers == 2
+    assert resolve(gunicorn, cpus=64).workers == 4
+    assert resolve(gunicorn, cpus=0).workers == 1
+    assert resolve(gunicorn, cpus=64, gpus=8).workers == 8
     assert resolve({"SAGEMAKER_MODEL_SERVER_WORKERS": "3"}, gpus=8).workers == 3
     assert resolve({"TRAINENV_SERVING_WORKERS": "5", "SAGEMAKER_MODEL_SERVER_WORKERS": "3"}).workers == 5
 
@@ -213,6 +215,8 @@ NON_DEFAULT = {
     "TRAINENV_GRACE_SECONDS": "5",
     "SAGEMAKER_MAX_PAYLOAD_IN_MB": "2",
     "TRAINENV_SERVING_MAX_QUEUE": "3",
+    "TRAINENV_SERVING_MAX_BATCH_SIZE": "8",
+    "TRAINENV_SERVING_MAX_BATCH_DELAY_MS": "2.5",
     "TRAINENV_SERVING_MAX_CONNECTIONS": "9",
     "TRAINENV_SERVING_BACKLOG": "256",
     "TRAINENV_SERVING_KEEPALIVE": "4",
@@ -396,7 +400,7 @@ def test_v2_request_reshapes_and_checks():
     body = json.dumps(
         {"id": "r1", "inputs": [{"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1, 2, 3, 4.5]}]}
     ).encode()
-    request = protocols.V2Request(body)
+    request = kserve.V2Request(body)
     assert request.id == "r1" and request.data == [[1, 2], [3, 4.5]]
     nested = json.dumps(
         {
@@ -406,7 +410,7 @@ def test_v2_request_reshapes_and_checks():
             ]
         }
     ).encode()
-    assert protocols.V2Request(nested).data == {"a": [[1, 2]], "b": ["s"]}
+    assert kserve.V2Request(nested).data == {"a": [[1, 2]], "b": ["s"]}
 
 
 @pytest.mark.parametrize(
@@ -423,44 +427,50 @@ def test_v2_request_reshapes_and_checks():
 )
 def test_v2_request_errors(document):
     with pytest.raises(BadRequest):
-        protocols.V2Request(json.dumps(document).encode())
+        kserve.V2Request(json.dumps(document).encode())
+
+
+def kserve_body(*args):
+    content_type, headers, body = kserve.answer(*args)
+    assert (content_type, headers) == ("application/json", ())
+    return body
 
 
 def test_v2_response_shapes():
-    request = protocols.V2Request(
+    request = kserve.V2Request(
         b'{"id":"7","inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}]}'
     )
-    out = json.loads(protocols.v2_response(request, [[1, 2], [3, 4]], "m", "2"))
+    out = json.loads(kserve_body(request, [[1, 2], [3, 4]], "m", "2"))
     assert out == {
         "model_name": "m",
         "model_version": "2",
         "id": "7",
         "outputs": [{"name": "output0", "shape": [2, 2], "datatype": "INT64", "data": [1, 2, 3, 4]}],
     }
-    out = json.loads(protocols.v2_response(request, {"p": [0.5, 1], "label": "cat"}, "m", None))
+    out = json.loads(kserve_body(request, {"p": [0.5, 1], "label": "cat"}, "m", None))
     assert out["outputs"] == [
         {"name": "p", "shape": [2], "datatype": "FP64", "data": [0.5, 1]},
         {"name": "label", "shape": [1], "datatype": "BYTES", "data": ["cat"]},
     ]
     with pytest.raises(TypeError):
-        protocols.v2_response(request, [[1, 2], [3]], "m", None)
+        kserve.answer(request, [[1, 2], [3]], "m", None)
     with pytest.raises(TypeError):
-        protocols.v2_response(request, [[1, 2], [3, [4]]], "m", None)
+        kserve.answer(request, [[1, 2], [3, [4]]], "m", None)
     numpy = pytest.importorskip("numpy")
-    out = json.loads(protocols.v2_response(request, numpy.zeros((1, 3), dtype="float32"), "m", None))
+    out = json.loads(kserve_body(request, numpy.zeros((1, 3), dtype="float32"), "m", None))
     assert out["outputs"][0]["datatype"] == "FP32" and out["outputs"][0]["shape"] == [1, 3]
 
 
 def test_vertex_shapes():
-    assert protocols.parse_vertex_request(b'{"instances": [1, 2], "parameters": {"k": 1}}') == (
+    assert vertex.parse_request(b'{"instances": [1, 2], "parameters": {"k": 1}}') == (
         [1, 2],
         {"k": 1},
     )
     with pytest.raises(BadRequest):
-        protocols.parse_vertex_request(b'{"inputs": [1]}')
-    assert json.loads(protocols.vertex_response((1, 2))) == {"predictions": [1, 2]}
+        vertex.parse_request(b'{"inputs": [1]}')
+    assert json.loads(vertex.response((1, 2))) == {"predictions": [1, 2]}
     with pytest.raises(TypeError):
-        protocols.vertex_response({"a": 1})
+        vertex.response({"a": 1})
 
 
 # -- pool ------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@
 | ``/v2/health/live`` | GET | 200 while the process serves (also during loading) |
 | ``/v2/health/ready``, ``/v2/models/{name}[/versions/{v}]/ready`` | GET | 200 when ready, else 503 |
 | ``/v2/models/{name}[/versions/{v}]`` | GET | model metadata |
-| ``/v2/models/{name}[/versions/{v}]/infer`` | POST | KServe v2 inference (``trainenv.serving.protocols``) |
+| ``/v2/models/{name}[/versions/{v}]/infer`` | POST | KServe v2 inference, JSON or binary tensors (``trainenv.serving.protocols.kserve``) |
 | ``$AIP_HEALTH_ROUTE`` / ``$AIP_PREDICT_ROUTE`` | GET / POST | Vertex AI health / ``{"instances"}`` -> ``{"predictions"}`` |
 
 HEAD is accepted wherever GET is. Every error is JSON ``{"error": <code>, "message": <text>,
@@ -35,7 +35,7 @@ Handler calls run in the server's own request thread, at most ``threads`` at onc
 even ``SystemExit`` or ``KeyboardInterrupt``, fails its request alone (500). When a call passes
 ``timeout_s``, the runner's watchdog answers 504 at once through
 ``environ["trainenv.timeout_writer"]`` (each server provides one) and that connection closes;
-the handler's late result is dropped.
+the handler's late result is dropped. Batching ``/invocations`` (opt-in): ``trainenv.serving.batching``.
 
 Error messages (bodies and log lines) have the environment's secret values and URL
 credentials masked (``trainenv.redact``). A missing ``Accept`` or ``*/*`` means
@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Iterable, MutableMapping
 
 from trainenv.redact import redact_text
-from trainenv.serving import codecs, protocols
+from trainenv.serving import batching, codecs
 from trainenv.serving.answers import (
     JSON_CT,
     Result,
@@ -73,6 +73,7 @@ from trainenv.serving.config import ServingEnv
 from trainenv.serving.handler import Answer, Handler, HandlerError, HookError
 from trainenv.serving.logsink import ServingLog
 from trainenv.serving.request import ClientGone, content_type, read_body
+from trainenv.serving.protocols import kserve, vertex
 from trainenv.serving.pool import (
     AlreadyAnswered,
     DeadlineExceeded,
@@ -95,6 +96,7 @@ class ServingApp:
         self.handler = handler
         self.log = log
         self.pool = InlineRunner(env.threads, env.max_queue)
+        self.batcher = batching.for_app(env, handler, self.pool)
         self.state = READY if handler.loaded else LOADING
         self._not_ready_reason = "the model is loading"
         self._last_ready_problem = ""
@@ -103,6 +105,8 @@ class ServingApp:
         self._access = env.access_log and log.enabled("INFO")
         self._access_health = env.access_log and log.enabled("DEBUG")
         self._deadline_s = env.timeout_s
+        # Several processes (servers/prefork.py): how many workers have not loaded yet; ready at 0.
+        self.peers_loading: Callable[[], int] | None = None
 
         routes: dict[str, dict[str, Callable[[MutableMapping[str, Any], str], Result]]] = {
             "/ping": {"GET": self._ping},
@@ -241,6 +245,12 @@ class ServingApp:
     def _is_ready(self) -> bool:
         if self.state != READY:
             return False
+        if self.peers_loading is not None:
+            loading = self.peers_loading()
+            if loading:
+                self._not_ready_reason = f"{loading} more worker process(es) still loading the model"
+                return False
+            self.peers_loading = None  # every worker has loaded once: a replacement never undoes it
         try:
             ready = self.handler.ready()
         except HookError as exc:
@@ -261,7 +271,7 @@ class ServingApp:
     def _ping(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         if not self._is_ready():
             if self.state == READY:
-                return self._error(503, f"not ready: {self._last_ready_problem}", request_id)
+                return self._error(503, f"not ready: {self._last_ready_problem or self._not_ready_reason}", request_id)
             return self._not_ready(request_id)
         return 200, [JSON_CT], b'{"status":"ready"}'
 
@@ -278,7 +288,7 @@ class ServingApp:
     def _v2_metadata(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         from trainenv import __version__
 
-        return 200, [JSON_CT], codecs.to_json({"name": "trainenv", "version": __version__, "extensions": []})
+        return 200, [JSON_CT], kserve.server_metadata(__version__)
 
     def _execution_parameters(self, environ: MutableMapping[str, Any], request_id: str) -> Result:
         return self._through_pool(environ, self.handler.execution_parameters, (), request_id)
@@ -320,11 +330,12 @@ class ServingApp:
         return on_timeout
 
     def _through_pool(
-        self, environ: MutableMapping[str, Any], fn: Callable[..., Answer], args: tuple[Any, ...], request_id: str, v2: bool = False
+        self, environ: MutableMapping[str, Any], fn: Callable[..., Answer], args: tuple[Any, ...], request_id: str,
+        v2: bool = False, run: Callable[..., Answer] | None = None,
     ) -> Result:
-        """Run ``fn(*args) -> (status, content type, headers, body)`` in the pool; map every failure."""
+        """Run ``fn(*args) -> (status, content type, headers, body)`` in the pool (or ``run``); map every failure."""
         try:
-            status, content_type, extra, body = self.pool.run(
+            status, content_type, extra, body = (run or self.pool.run)(
                 fn, args, time.monotonic() + self._deadline_s, self._on_timeout(environ, request_id, v2)
             )
         except AlreadyAnswered:
@@ -390,18 +401,21 @@ class ServingApp:
             else None
         )
         return self._through_pool(
-            environ, self.handler.invoke, (body, media_type, params, accept, context), request_id
+            environ, self.handler.invoke, (body, media_type, params, accept, context), request_id,
+            run=self.batcher.run if self.batcher else None,
         )
 
     def _json_body(
-        self, environ: MutableMapping[str, Any], request_id: str, v2: bool
+        self, environ: MutableMapping[str, Any], request_id: str, v2: bool, binary: bool = False
     ) -> tuple[bytes | None, Result | None]:
+        """The body of a JSON route (with ``binary``, a v2 binary tensor request: octet-stream too)."""
         try:
             body = read_body(environ, self.env.max_request_bytes)
             media_type, _ = content_type(environ)
         except HTTPError as exc:
             return None, self._error(exc.status, exc.message, request_id, v2)
-        if media_type != codecs.JSON and not media_type.endswith("+json"):
+        json_type = media_type == codecs.JSON or media_type.endswith("+json")
+        if not json_type and not (binary and media_type == codecs.OCTET_STREAM):
             return None, self._error(
                 415,
                 f"Content-Type must be application/json, got {media_type}; {codecs.how_to_send_json(media_type)}",
@@ -419,13 +433,13 @@ class ServingApp:
         return self._through_pool(environ, self._vertex_job, (body, environ, request_id), request_id)
 
     def _vertex_job(self, body: bytes, environ: MutableMapping[str, Any], request_id: str) -> Answer:
-        instances, parameters = protocols.parse_vertex_request(body)
+        instances, parameters = vertex.parse_request(body)
         context = None
         if self.handler.wants_context:
             context = request_context(environ, request_id, codecs.JSON, codecs.JSON, "vertex", parameters)
         prediction = self.handler.predict_objects(instances, context)
         try:
-            return 200, codecs.JSON, (), protocols.vertex_response(prediction)
+            return 200, codecs.JSON, (), vertex.response(prediction)
         except TypeError as exc:
             raise HookError("predict_fn", exc) from None
 
@@ -457,28 +471,24 @@ class ServingApp:
             return 200, [JSON_CT], codecs.to_json(document)
         if self.state != READY:
             return self._not_ready(request_id, v2=True)
-        body, failure = self._json_body(environ, request_id, v2=True)
+        header_length = environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH")
+        body, failure = self._json_body(environ, request_id, v2=True, binary=header_length is not None)
         if failure is not None:
             return failure
         return self._through_pool(
-            environ, self._v2_job, (body, version, environ, request_id), request_id, v2=True
+            environ, self._v2_job, (body, header_length, version, environ, request_id), request_id, v2=True
         )
 
     def _v2_job(
-        self, body: bytes, version: str | None, environ: MutableMapping[str, Any], request_id: str
+        self, body: bytes, header_length: str | None, version: str | None, environ: MutableMapping[str, Any], request_id: str
     ) -> Answer:
-        request = protocols.V2Request(body)
+        request = kserve.V2Request(body, header_length)
         context = None
         if self.handler.wants_context:
             context = request_context(environ, request_id, codecs.JSON, codecs.JSON, "v2", request.parameters)
         prediction = self.handler.predict_objects(request.data, context)
         try:
-            return (
-                200,
-                codecs.JSON,
-                (),
-                protocols.v2_response(request, prediction, self.env.model_name, version),
-            )
+            return (200, *kserve.answer(request, prediction, self.env.model_name, version))
         except TypeError as exc:
             raise HookError("predict_fn", exc) from None
 

@@ -3,7 +3,7 @@
 ``resolve_serving_env(environ, layout, num_cpus, num_gpus, flags={}, is_dir=os.path.isdir)``
 resolves each row of ``trainenv.settings.serving.SERVING`` (flag → variables → default; the
 table lists every variable, its platform fallbacks and its default) and fills in what depends
-on the machine: ``workers`` defaults to the GPUs, else ``min(CPUs, 4)``; ``model_dir`` to
+on the machine: ``workers`` defaults to 1, and with gunicorn to the GPUs, else ``min(CPUs, 4)``; ``model_dir`` to
 ``<base>/model``, else ``<base>/output/model`` when only that exists (``is_dir`` is its only
 look at the filesystem). ``sources`` says where each value came from. A bad value raises
 ``ConfigError`` naming the flag or variable and the value.
@@ -49,6 +49,8 @@ class ServingEnv(SnapshotMapping):
     grace_s: float = _default("grace_s")
     max_request_bytes: int = _default("max_request_bytes")
     max_queue: int = _default("max_queue")
+    max_batch_size: int = _default("max_batch_size")
+    max_batch_delay_ms: float = _default("max_batch_delay_ms")
     max_connections: int = _default("max_connections")
     backlog: int = _default("backlog")
     keepalive_s: float = _default("keepalive_s")
@@ -110,8 +112,8 @@ def resolve_serving_env(
 ) -> ServingEnv:
     """The serving settings (see the module docstring); raises ``ConfigError``."""
     values, sources = resolve_serving_settings(flags, environ)
-    if values["workers"] is None:
-        values["workers"] = num_gpus if num_gpus > 0 else max(1, min(num_cpus, 4))
+    if values["workers"] is None:  # gunicorn is for several processes; the stdlib server runs one
+        values["workers"] = (num_gpus if num_gpus > 0 else max(1, min(num_cpus, 4))) if values["server"] == "gunicorn" else 1
     if values["model_dir"] is None:
         values["model_dir"] = default_model_dir(layout, is_dir)
     dirs = (values["model_dir"] / "code", layout.code_dir)

@@ -10,6 +10,7 @@ Every hook is optional; an absent hook gets the default in the last column.
 | ``model_warmup_fn(model_dir, model)`` | once, after ``model_fn``; ``/ping`` is 503 until it returns | nothing |
 | ``input_fn(body, content_type)`` | per request | ``trainenv.serving.codecs.decode`` |
 | ``predict_fn(data, model)`` | per request | ``model(data)`` if callable, else ``model.predict(data)`` |
+| ``predict_batch_fn(inputs, model)`` | per batch of ``/invocations`` requests (``trainenv.serving.batching``); a batch of one where it is the only predict hook | |
 | ``output_fn(prediction, accept)`` | per request | ``codecs.encode`` in the best type the client accepts |
 | ``transform_fn(model, body, content_type, accept)`` | per request, instead of the three above | |
 | ``ready_fn(model) -> bool`` | per ``/ping`` and readiness probe (deep health check) | always ready once loaded |
@@ -28,6 +29,11 @@ Where the module comes from: ``ServingEnv.handler`` (``TRAINENV_SERVING_MODULE``
 file's dir and ``handler_dirs`` go first on ``sys.path`` before the import, so the handler's
 sibling modules import. Any failure to import, a hook that is not a function or has the wrong
 arity, or no way to predict raises ``HandlerError`` (exit 78) with a one-line message.
+
+``predict_batch_fn`` gets a list of decoded inputs (and, if it asks, a list of contexts) and
+returns a list of the same length: an item that is an exception fails that request alone (an
+``HTTPError`` item answers its status, anything else 500); a raise, or anything but a sequence
+of that length, fails every request of the batch.
 """
 
 from __future__ import annotations
@@ -60,12 +66,13 @@ HOOK_PARAMS: dict[str, tuple[str, ...]] = {
     "model_warmup_fn": ("model_dir", "model"),
     "input_fn": ("body", "content_type"),
     "predict_fn": ("data", "model"),
+    "predict_batch_fn": ("inputs", "model"),
     "output_fn": ("prediction", "accept"),
     "transform_fn": ("model", "body", "content_type", "accept"),
     "ready_fn": ("model",),
     "execution_parameters_fn": (),
 }
-CONTEXT_HOOKS = ("input_fn", "predict_fn", "output_fn", "transform_fn")
+CONTEXT_HOOKS = ("input_fn", "predict_fn", "predict_batch_fn", "output_fn", "transform_fn")
 
 
 class HandlerError(ConfigError):
@@ -229,7 +236,7 @@ class Hooks:
                 raise HandlerError(f"{origin}: {name} has the wrong parameters; expected {expected}")
             self.user[name] = fn
             self.wants_context[name] = with_context
-        mixed = [n for n in ("input_fn", "predict_fn", "output_fn") if n in self.user]
+        mixed = [n for n in ("input_fn", "predict_fn", "predict_batch_fn", "output_fn") if n in self.user]
         if "transform_fn" in self.user and mixed:
             raise HandlerError(
                 f"{origin}: transform_fn cannot be combined with {', '.join(mixed)}; define one or the other"
@@ -243,6 +250,8 @@ class Hooks:
         per_request = (
             ["transform_fn"] if "transform_fn" in self.user else ["input_fn", "predict_fn", "output_fn"]
         )
+        if "predict_batch_fn" in self.user and "predict_fn" not in self.user:
+            per_request[1:2] = ["predict_batch_fn"]
         names = ["model_fn", *per_request]
         user = [n for n in HOOK_PARAMS if n in self.user]
         default = [n for n in names if n not in self.user]
@@ -290,7 +299,7 @@ class Handler:
                 raise HandlerError(f"{name} raised {_describe(exc)}", _traceback()) from None
             if name == "model_fn":
                 self.model = result
-        if "predict_fn" not in self.hooks.user and "transform_fn" not in self.hooks.user:
+        if not any(n in self.hooks.user for n in ("predict_fn", "predict_batch_fn", "transform_fn")):
             self._default_predict = _default_predict(self.model)
             if self._default_predict is None:
                 raise HandlerError(
@@ -310,7 +319,7 @@ class Handler:
         except BaseException as exc:  # noqa: BLE001 - as in _call
             raise HookError("ready_fn", exc) from exc
 
-    def _call(self, name: str, args: tuple[Any, ...], context: RequestContext | None) -> Any:
+    def _call(self, name: str, args: tuple[Any, ...], context: RequestContext | list[RequestContext | None] | None) -> Any:
         fn = self.hooks.user[name]
         if self.hooks.wants_context[name]:
             args = args + (context,)
@@ -339,18 +348,23 @@ class Handler:
         context: RequestContext | None,
     ) -> Answer:
         """One ``/invocations`` request: ``(status, content type, extra headers, body)``."""
-        user = self.hooks.user
-        if "transform_fn" in user:
+        if "transform_fn" in self.hooks.user:
             payload = codecs.decode_text(body, media_type, params) if codecs.is_text(media_type) else body
             result = self._call("transform_fn", (self.model, payload, media_type, accept[0]), context)
             return _normalize("transform_fn", result, accept[0])
-        if "input_fn" in user:
+        data = self.decode(body, media_type, params, context)
+        return self.respond(self.predict(data, context), accept, context)
+
+    def decode(self, body: bytes, media_type: str, params: dict[str, str], context: RequestContext | None) -> Any:
+        """The request body as ``input_fn`` (or the default decoder) makes it."""
+        if "input_fn" in self.hooks.user:
             payload = codecs.decode_text(body, media_type, params) if codecs.is_text(media_type) else body
-            data = self._call("input_fn", (payload, media_type), context)
-        else:
-            data = codecs.decode(body, media_type, params)
-        prediction = self.predict(data, context)
-        if "output_fn" in user:
+            return self._call("input_fn", (payload, media_type), context)
+        return codecs.decode(body, media_type, params)
+
+    def respond(self, prediction: Any, accept: list[str], context: RequestContext | None) -> Answer:
+        """A prediction as the answer ``output_fn`` (or the default encoder) makes of it."""
+        if "output_fn" in self.hooks.user:
             result = self._call("output_fn", (prediction, accept[0]), context)
             return _normalize("output_fn", result, accept[0])
         if isinstance(prediction, Response):
@@ -360,6 +374,8 @@ class Handler:
     def predict(self, data: Any, context: RequestContext | None) -> Any:
         if "predict_fn" in self.hooks.user:
             return self._call("predict_fn", (data, self.model), context)
+        if "predict_batch_fn" in self.hooks.user:
+            return batch_item(self.predict_batch([data], [context])[0])
         predict = self._default_predict
         assert predict is not None
         try:
@@ -368,6 +384,28 @@ class Handler:
             raise
         except BaseException as exc:  # noqa: BLE001 - as in _call
             raise HookError("predict_fn (default: the model)", exc) from exc
+
+    def predict_batch(self, inputs: list[Any], contexts: list[RequestContext | None]) -> list[Any]:
+        """``predict_batch_fn(inputs, model)``, checked: one prediction (or exception) per input.
+        ``HookError`` (or the ``HTTPError`` it raised) when it raised or returned anything else."""
+        result = self._call("predict_batch_fn", (inputs, self.model), contexts)
+        if isinstance(result, (str, bytes, bytearray, dict)) or not hasattr(result, "__len__"):
+            raise HookError(
+                "predict_batch_fn",
+                TypeError(f"returned a {type(result).__name__}; return a list with one prediction per input"),
+            )
+        try:
+            predictions = list(result)
+        except BaseException as exc:  # noqa: BLE001 - the user's sequence, as in _call
+            raise HookError("predict_batch_fn", exc) from exc
+        if len(predictions) != len(inputs):
+            raise HookError(
+                "predict_batch_fn",
+                ValueError(
+                    f"returned {len(predictions)} predictions for {len(inputs)} inputs; return one per input"
+                ),
+            )
+        return predictions
 
     def predict_objects(self, data: Any, context: RequestContext | None) -> Any:
         """For the JSON protocols (Vertex, KServe v2): decoded data in, a plain prediction out."""
@@ -404,6 +442,16 @@ class Handler:
         if isinstance(result, (dict, list)):
             return 200, codecs.JSON, (), codecs.to_json(result)
         return _normalize("execution_parameters_fn", result, codecs.JSON)
+
+
+def batch_item(item: Any) -> Any:
+    """One item of ``predict_batch_fn``'s list: the prediction, or the exception it stands for raised
+    (an ``HTTPError`` as it is, anything else as a ``HookError``: 500)."""
+    if isinstance(item, HTTPError):
+        raise item
+    if isinstance(item, BaseException):
+        raise HookError("predict_batch_fn", item)
+    return item
 
 
 def _with_charset(media_type: str) -> str:

@@ -9,7 +9,10 @@ the calling (connection) thread and returns its result or raises what it raised,
   while the call waits for a slot: it is never started (504);
 * ``AlreadyAnswered`` when the deadline passed while the call ran (504, see below).
 
-At most ``threads`` calls run at once; more wait until a slot frees or their deadline passes.
+At most ``threads`` calls run at once; more wait until a slot frees or their deadline passes,
+first come, first served: a freed slot passes straight to the oldest waiter, so a thread that
+just finished a call cannot take the slot again ahead of the queue (which would starve waiters,
+and starve the batches of ``trainenv.serving.batching``).
 One watchdog thread watches the running calls' deadlines (it scans at most ``threads`` of them
 and sleeps until the next deadline). When one passes, the watchdog calls that call's
 ``on_timeout()``, which answers 504 on the connection and closes it, *while the call still runs*.
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +64,14 @@ class _Ticket:
         self.answered: threading.Event | None = None
 
 
+class _Waiter:
+    __slots__ = ("granted", "turn")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self.granted = False  # a finishing call handed its slot to this one
+        self.turn = threading.Condition(lock)
+
+
 class InlineRunner:
     """Runs calls in the caller's thread, ``threads`` at a time, with a watchdog; see the module docstring."""
 
@@ -69,7 +81,7 @@ class InlineRunner:
         self.threads = threads
         self.capacity = threads + max_queue
         self._lock = threading.Lock()
-        self._slot_free = threading.Condition(self._lock)
+        self._waiters: deque[_Waiter] = deque()  # oldest first
         self._wake = threading.Condition(self._lock)
         self._admitted = 0
         self._busy = 0
@@ -97,13 +109,17 @@ class InlineRunner:
             if self._admitted >= self.capacity:
                 raise Saturated()
             self._admitted += 1
-            while self._busy >= self.threads:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._slot_free.wait(remaining):
-                    if self._busy >= self.threads:
+            if self._busy >= self.threads or self._waiters:
+                waiter = _Waiter(self._lock)
+                self._waiters.append(waiter)
+                while not waiter.granted:
+                    remaining = deadline - time.monotonic()
+                    if (remaining <= 0 or not waiter.turn.wait(remaining)) and not waiter.granted:
+                        self._waiters.remove(waiter)
                         self._admitted -= 1
                         raise DeadlineExceeded()
-            self._busy += 1
+            else:
+                self._busy += 1
             self._running[key] = ticket
             if deadline < self._next_wake:
                 self._wake.notify()
@@ -116,9 +132,13 @@ class InlineRunner:
                     self._overrunning -= 1
                 else:
                     del self._running[key]
-                self._busy -= 1
                 self._admitted -= 1
-                self._slot_free.notify()
+                if self._waiters:  # hand the slot over: _busy stays
+                    waiter = self._waiters.popleft()
+                    waiter.granted = True
+                    waiter.turn.notify()
+                else:
+                    self._busy -= 1
             if fired:
                 if ticket.answered is not None:
                     ticket.answered.wait(10.0)

@@ -9,9 +9,11 @@ program may call ``run_server(env, log)`` with a ``ServingEnv`` of its own. The 
    ``listening on http://HOST:PORT`` with the effective settings.
 3. Import the handler module and check its hooks (``trainenv.serving.handler``).
 4. Run the chosen server (``trainenv.serving.servers``) with ``new_app(log)``, which builds the
-   one WSGI app (``trainenv.serving.app``) both servers serve: **stdlib** builds it once and
-   loads the model in the background (``/ping`` 503 until loaded); **gunicorn** builds it in
-   each worker, which loads its own model before it accepts a connection.
+   one WSGI app (``trainenv.serving.app``) every server serves: **stdlib** builds it once and
+   loads the model in the background (``/ping`` 503 until loaded); with ``workers`` > 1,
+   **prefork** forks that many stdlib workers on the one socket, each building the app and
+   loading its own model (``/ping`` 200 once all have loaded); **gunicorn** builds it in each
+   worker, which loads its own model before it accepts a connection.
 5. SIGTERM or SIGINT: ``/ping`` turns 503, the listening socket closes, requests in flight get up
    to ``env.grace_s`` to finish; a second signal cuts the wait short.
 
@@ -104,6 +106,10 @@ def _pick_server(env: ServingEnv) -> Callable[[ServingEnv, socket.socket, Callab
         from trainenv.serving.servers import gunicorn
 
         return gunicorn.run
+    if env.workers > 1:
+        from trainenv.serving.servers import prefork
+
+        return prefork.run
     from trainenv.serving.servers import stdlib
 
     return stdlib.run
@@ -118,6 +124,10 @@ def app_factory(env: ServingEnv, slog: ServingLog) -> Callable[[ServingLog], Ser
     module, origin = import_handler(env)
     hooks = Hooks(module)
     slog.info(f"handler {origin} ({hooks.summary()})")
+    if env.max_batch_size > 1:
+        from trainenv.serving import batching
+
+        batching.check(env, hooks)
     return lambda log: ServingApp(env, Handler(hooks, env), log)
 
 
@@ -166,7 +176,7 @@ def _url(sock: socket.socket) -> str:
 def _settings_line(env: ServingEnv) -> str:
     processes = (
         f"{env.workers} workers x {env.threads} threads"
-        if env.server == "gunicorn"
+        if env.workers > 1 or env.server == "gunicorn"
         else f"{env.threads} handler threads"
     )
     return (

@@ -118,6 +118,16 @@ def _handler(value: Any) -> str:
     return text
 
 
+def _milliseconds(value: Any) -> float:
+    try:
+        number = float(str(value))
+    except ValueError:
+        number = float("nan")
+    if not 0 <= number <= 10_000:  # also refuses nan
+        raise ValueError("is not a delay in milliseconds (expected a number 0-10000)")
+    return number
+
+
 def _media_type(value: Any) -> str:
     text = str(value).split(";", 1)[0].strip().lower()
     if not _MEDIA_TYPE.match(text) or "*" in text:
@@ -167,10 +177,11 @@ SERVING: tuple[Setting, ...] = (
             "Port to listen on; 0 picks a free one.", "PORT",
             fallbacks=("SAGEMAKER_BIND_TO_PORT", "AIP_HTTP_PORT", "LISTENING_PORT", "PORT")),
     Setting("server", "--server", "TRAINENV_SERVER", _server, "stdlib",
-            "stdlib: trainenv's own HTTP/1.1 server, one process; gunicorn: the same app on gunicorn "
-            "worker processes (pip install 'trainenv[serve]').", "SERVER", SERVERS),
+            "stdlib: trainenv's own HTTP/1.1 server (one process, or --workers pre-forked ones); gunicorn: "
+            "the same app on gunicorn worker processes (pip install 'trainenv[serve]').", "SERVER", SERVERS),
     Setting("workers", "--workers", "TRAINENV_SERVING_WORKERS", _integer(1, 1024, "a worker count"), None,
-            "gunicorn worker processes. Default: GPUs on this machine, else min(CPUs, 4).", "N",
+            "Worker processes on the one port, each loading its own model. Default: 1; with gunicorn, "
+            "GPUs on this machine, else min(CPUs, 4).", "N",
             fallbacks=("SAGEMAKER_MODEL_SERVER_WORKERS",)),
     Setting("threads", "", "TRAINENV_SERVING_THREADS", _integer(1, 1024, "a thread count"), 4,
             "Handler calls running at once, per process.", "N"),
@@ -188,6 +199,10 @@ SERVING: tuple[Setting, ...] = (
             fallbacks=("SAGEMAKER_MAX_PAYLOAD_IN_MB",)),
     Setting("max_queue", "", "TRAINENV_SERVING_MAX_QUEUE", _integer(0, None, "a queue length"), 64,
             "Requests waiting for a handler thread, then 503.", "N"),
+    Setting("max_batch_size", "", "TRAINENV_SERVING_MAX_BATCH_SIZE", _integer(1, 1024, "a batch size"), 1,
+            "Most /invocations requests gathered into one predict_batch_fn call; 1: no batching.", "N"),
+    Setting("max_batch_delay_ms", "", "TRAINENV_SERVING_MAX_BATCH_DELAY_MS", _milliseconds, 5.0,
+            "Milliseconds a batch waits for more requests before it runs (it runs at once when full).", "MS"),
     Setting("max_connections", "", "TRAINENV_SERVING_MAX_CONNECTIONS", _integer(1, None, "a connection count"), 512,
             "Open connections, then 503.", "N"),
     Setting("backlog", "", "TRAINENV_SERVING_BACKLOG", _integer(128, None, "a listen backlog"), 1024,

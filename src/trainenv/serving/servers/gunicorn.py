@@ -19,11 +19,15 @@ file; ``GUNICORN_CMD_ARGS`` is not read). The settings:
 The handler module is imported once in the arbiter, before forking (``trainenv.serving.startup``),
 so an import error exits 78 before any worker starts. Each worker then builds the app and loads
 the model in ``load()`` with a heartbeat thread notifying the arbiter, and only then starts
-accepting. ``_Bridge`` gives the app what the stdlib server gives it: a read timeout on the
-request's socket (a client silent mid-body is dropped) and ``trainenv.timeout_writer``. A worker whose model fails to
-load exits with gunicorn's ``APP_LOAD_ERROR`` and the arbiter halts; the reason (failure or
-start-up timeout) reaches the arbiter through one byte of shared memory, so ``run_gunicorn``
-``run`` returns 78 or 124 as the stdlib server would.
+accepting. As with ``servers.prefork``, ``/ping`` is 200 only once every worker has loaded: the
+arbiter's ``pre_fork`` gives each worker a slot (the lowest no live worker holds), and a worker
+sets its slot's byte in shared memory once loaded; the bytes are never cleared, so a replaced
+worker that reloads does not turn ``/ping`` to 503. ``_Bridge`` gives the app what the stdlib
+server gives it: a read timeout on the request's socket (a client silent mid-body is dropped)
+and ``trainenv.timeout_writer``. A worker whose model fails to load exits with gunicorn's
+``APP_LOAD_ERROR`` and the arbiter halts; the reason (failure or start-up timeout) reaches the
+arbiter through one byte of shared memory, so ``run`` returns 78 or 124 as the stdlib server
+would.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ _REASON_STARTUP_TIMEOUT = 2
 _current_worker: dict[str, Any] = {}
 
 
+def _pre_fork(arbiter: Any, worker: Any) -> None:
+    """In the arbiter: give the new worker the lowest slot no live worker holds (its readiness byte)."""
+    used = {getattr(other, "trainenv_slot", -1) for other in arbiter.WORKERS.values()}
+    worker.trainenv_slot = min(set(range(len(used) + 1)) - used)
+
+
 def _post_fork(arbiter: Any, worker: Any) -> None:
     _current_worker["worker"] = worker
 
@@ -66,6 +76,7 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
             "TRAINENV_SERVER", None, "'gunicorn' needs gunicorn installed: pip install 'trainenv[serve]'"
         ) from None
     reason = mmap.mmap(-1, 1)
+    loaded = mmap.mmap(-1, env.workers)  # byte i: the worker of slot i has loaded (never cleared)
     listen_fd = os.dup(sock.fileno())  # gunicorn takes ownership of (and closes) the fd it is given
     sink, level, secrets = slog.sink, env.log_level, slog.secrets
 
@@ -89,6 +100,7 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
                 "limit_request_fields": 100,
                 "limit_request_field_size": 8190,
                 "proc_name": "trainenv-serve",
+                "pre_fork": _pre_fork,
                 "post_fork": _post_fork,
                 "sendfile": False,
                 "control_socket_disable": True,
@@ -98,7 +110,7 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
                     self.cfg.set(key, value)
 
         def load(self) -> _Bridge:
-            return _load_worker_app(env, new_app, ServingLog(sink, level, secrets), reason, AppImportError)
+            return _load_worker_app(env, new_app, ServingLog(sink, level, secrets), reason, loaded, AppImportError)
 
     arbiter_pid = os.getpid()
     try:
@@ -131,10 +143,16 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
 
 
 def _load_worker_app(
-    env: ServingEnv, new_app: Callable[[ServingLog], ServingApp], slog: ServingLog, reason: mmap.mmap, app_import_error: Any
+    env: ServingEnv,
+    new_app: Callable[[ServingLog], ServingApp],
+    slog: ServingLog,
+    reason: mmap.mmap,
+    loaded: mmap.mmap,
+    app_import_error: Any,
 ) -> _Bridge:
     """In a worker: build the app and load the model (heartbeat running). Runs before the worker accepts."""
     worker = _current_worker.get("worker")
+    slot = getattr(worker, "trainenv_slot", None)
     done = threading.Event()
     deadline: float | None = (
         None if env.startup_timeout_s is None else time.monotonic() + env.startup_timeout_s
@@ -155,6 +173,7 @@ def _load_worker_app(
 
     threading.Thread(target=heartbeat, name="trainenv-heartbeat", daemon=True).start()
     app = new_app(slog)
+    app.peers_loading = lambda: loaded[:].count(0)
     try:
         seconds = app.load()
     except TrainenvError as exc:
@@ -163,6 +182,8 @@ def _load_worker_app(
         raise app_import_error(str(exc)) from None
     finally:
         done.set()
+    if slot is not None and slot < env.workers:
+        loaded[slot] = 1
     slog.info(f"worker {os.getpid()} ready: model loaded and warmed up in {seconds:.2f} s")
     return _Bridge(app, env.read_timeout_s)
 

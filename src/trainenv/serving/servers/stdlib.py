@@ -23,9 +23,10 @@ production (parsing and bodies: ``trainenv.serving.servers.http11``):
   closes idle keep-alive connections, lets requests in flight finish (their answers carry
   ``Connection: close``) and returns how many were still running at the deadline.
 
-``run(env, sock, new_app, log)`` is the whole life of the process: it answers at once (``/ping``
-503) while a background thread loads the model, then 200; SIGTERM/SIGINT drain (a second signal
-stops waiting); exit 0, or 78 when the model fails to load, 124 past the start-up timeout.
+``run(env, sock, new_app, log)`` is the whole life of the process (or of one worker of
+``servers.prefork``): it answers at once (``/ping`` 503) while a thread loads the model, then 200;
+SIGTERM/SIGINT drain (a second signal stops waiting); exit 0, 78 when the model fails to load,
+124 past the start-up timeout.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class StdlibServer:
         max_connections: int,
         keepalive_s: float,
         read_timeout_s: float,
+        multiprocess: bool = False,
     ) -> None:
         self.sock = sock
         self.app = app
@@ -110,7 +112,7 @@ class StdlibServer:
             "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr,
             "wsgi.multithread": True,
-            "wsgi.multiprocess": False,
+            "wsgi.multiprocess": multiprocess,
             "wsgi.run_once": False,
             "wsgi.input_terminated": True,
             "trainenv.lingers": True,
@@ -119,6 +121,7 @@ class StdlibServer:
         self._connections: dict[int, _Connection] = {}
         self._busy = 0
         self._accepting = True
+        self._serving = False  # serve_forever has started
         self._draining = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -129,6 +132,10 @@ class StdlibServer:
 
     def serve_forever(self) -> None:
         """Accept connections until ``stop_accepting()``; each gets its own daemon thread."""
+        with self._lock:
+            if not self._accepting:
+                return
+            self._serving = True
         self.sock.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(self.sock, selectors.EVENT_READ, "listen")
@@ -190,10 +197,15 @@ class StdlibServer:
 
     def stop_accepting(self) -> None:
         """Close the listening socket: new connections are refused from now on."""
-        if not self._accepting:
+        with self._lock:
+            was_accepting, serving = self._accepting, self._serving
+            self._accepting = False
+        if not serving:  # the accept loop never started (a worker stopped while loading)
+            self.stopped.set()
+            return
+        if not was_accepting:
             self.stopped.wait(5.0)
             return
-        self._accepting = False
         try:
             os.write(self._wake_w, b"x")
         except OSError:
@@ -383,16 +395,15 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class _Signals:
-    """Installs SIGTERM/SIGINT handlers that only enqueue; restores the previous ones on exit."""
+    """Installs handlers for ``signals`` that only enqueue; restores the previous ones on exit."""
 
-    def __init__(self, events: queue.SimpleQueue[Any]) -> None:
-        self.events = events
+    def __init__(self, events: queue.SimpleQueue[Any], signals: tuple[int, ...]) -> None:
+        self.events, self.signals = events, signals
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> _Signals:
         if threading.current_thread() is threading.main_thread():
-            for signum in _STOP_SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.signals}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -403,20 +414,32 @@ class _Signals:
             signal.signal(signum, handler)
 
 
-def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], ServingApp], log: ServingLog) -> int:
-    """Serve ``new_app(log)`` on ``sock`` until SIGTERM/SIGINT; the exit code (see the module docstring)."""
-    if env.workers > 1:
-        log.debug(f"the stdlib server is one process; workers={env.workers} applies to TRAINENV_SERVER=gunicorn")
+def run(
+    env: ServingEnv,
+    sock: socket.socket,
+    new_app: Callable[[ServingLog], ServingApp],
+    log: ServingLog,
+    *,
+    accept_early: bool = True,
+    on_loaded: Callable[[ServingApp], None] | None = None,
+    signals: tuple[int, ...] = _STOP_SIGNALS,
+) -> int:
+    """Serve ``new_app(log)`` on ``sock`` until SIGTERM/SIGINT; the exit code (see the module docstring).
+    A worker of ``servers.prefork`` also passes ``accept_early=False`` when it replaces one (it
+    accepts once its model is loaded), ``on_loaded`` (tell the supervisor), ``signals=(SIGTERM,)``."""
     events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    with _Signals(events):
+    with _Signals(events, signals):
         app = new_app(log)
         server = StdlibServer(
             sock, app, log,
             max_connections=env.max_connections,
             keepalive_s=env.keepalive_s,
             read_timeout_s=env.read_timeout_s,
+            multiprocess=env.workers > 1,
         )
-        threading.Thread(target=server.serve_forever, name="trainenv-accept", daemon=True).start()
+        accept = threading.Thread(target=server.serve_forever, name="trainenv-accept", daemon=True).start
+        if accept_early:
+            accept()
 
         def load() -> None:
             try:
@@ -440,6 +463,10 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
             if event[0] == "loaded":
                 deadline = None
                 log.info(f"ready: model loaded and warmed up in {event[1]:.2f} s")
+                if not accept_early:
+                    accept()
+                if on_loaded is not None:
+                    on_loaded(app)
             elif event[0] == "failed":
                 server.stop_accepting()
                 log.error(f"{event[1]}; exiting", getattr(event[1], "detail", ""))
@@ -449,12 +476,10 @@ def run(env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], Se
 
 
 def _drain(env: ServingEnv, server: StdlibServer, app: ServingApp, events: queue.SimpleQueue[Any], signum: int, log: ServingLog) -> int:
-    name = signal.Signals(signum).name
-    log.info(f"{name}: stopping; {server.busy} requests in flight get up to {env.grace_s:g} s to finish")
+    log.info(f"{signal.Signals(signum).name}: stopping; {server.busy} requests in flight get up to {env.grace_s:g} s to finish")
     app.set_draining()
     server.stop_accepting()
     deadline = time.monotonic() + env.grace_s
-    cut = 0
     while True:
         cut = server.drain(min(deadline, time.monotonic() + 0.1))
         if cut == 0 or time.monotonic() >= deadline:
