@@ -384,7 +384,7 @@ def write_json(path: Path, value: Any) -> None:
 
 def make_trainenv_tree(base: Path, scripts: Mapping[str, str], hyperparameters: Optional[Mapping[str, Any]] = None,
                        resource_config: Optional[Mapping[str, Any]] = None) -> Path:
-    """A trainenv job tree (CONTRACT §1) equivalent to the research's SageMaker tree."""
+    """A trainenv job tree (README, "The container contract") equivalent to the research's SageMaker tree."""
     config = base / "input" / "config"
     write_json(config / "hyperparameters.json", SAGEMAKER_HPS if hyperparameters is None else hyperparameters)
     write_json(config / "inputdataconfig.json", INPUT_DATA_CONFIG)

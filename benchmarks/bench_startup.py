@@ -10,7 +10,8 @@ Usage::
     ``python -c pass`` (the floor) · ``import trainenv; trainenv.training_env()`` on the research's
     §3.8 tree · the same inside a job (``TRAINENV_ENV_FILE`` set, the snapshot is loaded) ·
     ``import sagemaker_training.environment`` and ``Environment()`` on the same tree in
-    SageMaker's layout (its own venv's floor subtracted). Goal: trainenv ≤ 15 ms over the floor.
+    SageMaker's layout (its own venv's floor subtracted). Goals over the floor: ≤ 8 ms in a job,
+    ≤ 15 ms outside one.
     Then ``-X importtime`` (median of 15): everything trainenv's call imports beyond the floor,
     its top modules, and a check that click, yaml, psutil and pynvml were NOT imported.
 (b) **``to_env_vars()`` at scale**: 1,000 hosts (``resourceconfig.json``) × 100 channels ×
@@ -61,9 +62,13 @@ def part_a(python: str, sm_python: Optional[str], runs: int, warmup: int, work: 
     results = {c.name: b.command_result(c) for c in commands}
     floor = results["python -c pass"]["wall_ms"]["median"]
     sm_floor = results.get("sagemaker venv: python -c pass", {}).get("wall_ms", {}).get("median")
+    cpu_floors = {side: results.get(name, {}).get("cpu_ms", {}).get("median")
+                  for side, name in (("trainenv", "python -c pass"), ("sagemaker", "sagemaker venv: python -c pass"))}
     for name, result in results.items():
         own_floor = sm_floor if name.startswith("sagemaker") else floor
         result["over_floor_ms"] = round(result["wall_ms"]["median"] - own_floor, 2)
+        cpu_floor = cpu_floors["sagemaker" if name.startswith("sagemaker") else "trainenv"]
+        result["cpu_over_floor_ms"] = round(result["cpu_ms"]["median"] - cpu_floor, 2) if cpu_floor is not None else None
         result["x_floor"] = b.ratio(result["wall_ms"]["median"], floor)
     out: Dict[str, Any] = {"commands": results}
     out["importtime_trainenv"] = b.importtime(python, TRAINENV_CODE, env, 15)
@@ -191,10 +196,13 @@ def main() -> None:
     info["busy_after_pct"] = b.cpu_busy()
     commands = a["commands"]
     trainenv_over = commands["trainenv: import + training_env()"]["over_floor_ms"]
+    in_job_over = commands["trainenv: same, in a job (TRAINENV_ENV_FILE)"]["over_floor_ms"]
     sm_env_over = commands.get("sagemaker: import + Environment()", {}).get("over_floor_ms")
     tv = scale.get("trainenv", {})
     goals = [
-        b.goal("import trainenv + training_env() over python -c pass", trainenv_over, 15, "ms",
+        b.goal("import trainenv + training_env() in a job (loads the snapshot) over python -c pass", in_job_over, 8, "ms",
+               "import json alone is ~7 ms"),
+        b.goal("import trainenv + training_env() outside a job (builds the snapshot) over python -c pass", trainenv_over, 15, "ms",
                f"sagemaker import + Environment(): {sm_env_over} ms" if sm_env_over is not None else None),
         b.goal(f"to_env_vars() at {SCALE_HOSTS} hosts x {SCALE_CHANNELS} channels x {SCALE_HPS} hps",
                tv.get("default", {}).get("median_ms"), 100, "ms"),
@@ -210,14 +218,15 @@ def render(report: Dict[str, Any]) -> str:
     a, scale = report["import"], report["to_env_vars_at_scale"]
     rows = []
     for name, r in a["commands"].items():
-        rows.append([name, r["wall_ms"]["median"], r["wall_ms"]["min"], r["over_floor_ms"], r["x_floor"]])
+        rows.append([name, r["wall_ms"]["median"], r["wall_ms"]["min"], r["over_floor_ms"], r["x_floor"],
+                     r["cpu_ms"]["median"], r["cpu_over_floor_ms"]])
     commands = a["commands"]
     lines = [
         "bench_startup", b.machine_text(report["machine"]),
         f"sagemaker-training {b.SAGEMAKER_VERSION}: {report['sagemaker']}",
         "",
         f"(a) fresh interpreter, {report['runs']} interleaved runs each after {report['warmup']} warm-up (ms)",
-        b.table(["command", "median", "min", "over floor", "x floor"], rows),
+        b.table(["command", "median", "min", "over floor", "x floor", "cpu", "cpu over floor"], rows),
     ]
     sm_over = commands.get("sagemaker: import + Environment()", {}).get("over_floor_ms")
     te_over = commands["trainenv: import + training_env()"]["over_floor_ms"]

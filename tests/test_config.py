@@ -199,6 +199,7 @@ BAD_JSON = [
     pytest.param(HP, "null", read_hp, ["top level must be a JSON object"], id="top-level-null"),
     pytest.param(HP, b'{"name": "caf\xe9"}', read_hp, ["not valid UTF-8", "byte 13"], id="latin-1-bytes"),
     pytest.param(HP, b"\xff\xfe{\x00}\x00", read_hp, ["not valid UTF-8"], id="utf-16"),
+    pytest.param(HP, b'\xef\xbb\xbf{"name": "caf\xe9"}', read_hp, ["not valid UTF-8", "byte 16: b'\\xe9'"], id="bom-then-latin-1"),
     pytest.param(HP, "", read_hp, ["invalid JSON at line 1 column 1"], id="empty-file"),
     pytest.param(HP, '{"lr": 1, "lr": 2}', read_hp, ["lr", "more than once"], id="duplicate-key"),
     pytest.param(HP, "[" * 100_000, read_hp, ["nested too deeply"], id="deep-nesting"),

@@ -54,7 +54,7 @@ from trainenv.launchers import mpi_exported_names
 from trainenv.nodes import NodeLink, PeerTimeout, relayed_failure, wait_for_peers
 from trainenv.environment import build_training_env
 from trainenv.errors import ConfigError
-from trainenv.layout import Layout
+from trainenv.layout import JobTree
 from trainenv.plan import LaunchPlan, build_plan
 from trainenv.settings import resolve_settings
 
@@ -105,7 +105,7 @@ def plan_for(
         else:
             env_vars[name] = value
     settings = resolve_settings({}, env_vars, {})
-    env = build_training_env(env_vars, layout=Layout.resolve(env_vars), settings={}, hostname=hostname)
+    env = build_training_env(env_vars, layout=JobTree.resolve(env_vars), settings={}, hostname=hostname)
     return build_plan(env, settings, env_vars)
 
 

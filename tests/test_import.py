@@ -1,4 +1,4 @@
-"""``import trainenv`` is cheap and has no side effects (CONTRACT §1, STYLE rule 8).
+"""``import trainenv`` is cheap and has no side effects; the start paths import little.
 
 In fresh interpreters: which heavy modules get imported, which files get opened (under
 ``strace`` when the machine has it), whether anything is created, spawned or exported.
@@ -171,6 +171,39 @@ def test_train_start_path_imports_no_typing_and_no_heavy_module(tmp_path):
     modules = imported_modules(result.stderr)
     assert {"trainenv.runner", "trainenv.supervisor", "trainenv.plan"} <= modules
     assert modules & {"typing", *HEAVY} == set()
+
+
+# What the launcher's ~30 ms would otherwise go to: a path object library, a process library
+# (threads, locale), the foreign-function library for one prctl call, the selector classes.
+NOT_ON_TRAIN_PATH = ("pathlib", "subprocess", "threading", "ctypes", "selectors", "urllib.parse", "ipaddress")
+
+
+@pytest.mark.parametrize("entry", ["train.py", None])
+def test_train_start_path_needs_no_pathlib_subprocess_or_ctypes(tmp_path, entry):
+    base = support.make_tree(tmp_path / "job", code={"train.py": "print('trained')\n"})
+    extra = {"TRAINENV_ENTRY_POINT": entry} if entry else {}  # None: a ConfigError ends the launch
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "trainenv", "train"],
+        env=support.job_environ(base, **extra), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == (0 if entry else 78), result.stderr
+    assert "trainenv.runner" in imported_modules(result.stderr)
+    assert imported_modules(result.stderr) & set(NOT_ON_TRAIN_PATH) == set()
+
+
+def test_training_env_in_a_job_imports_json_and_little_else(tmp_path):
+    """Inside a job ``training_env()`` loads the snapshot: no layout, no path or import machinery."""
+    base = support.make_tree(tmp_path / "job", code={"train.py": "pass\n"})
+    snapshot = tmp_path / "env.json"
+    snapshot.write_text(support.build_env(base).to_json())
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import trainenv; print(trainenv.training_env().base_dir)"],
+        env=child_env(TRAINENV_ENV_FILE=str(snapshot)), capture_output=True, text=True, timeout=60, check=True,
+    )
+    assert result.stdout.strip() == str(base)
+    modules = imported_modules(result.stderr)
+    assert "json" in modules
+    assert modules & {"pathlib", "importlib", "warnings", "encodings.utf_8_sig", "trainenv.layout", "trainenv.resources", "typing"} == set()
 
 
 def test_serving_start_path_imports_no_typing(tmp_path):

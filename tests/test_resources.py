@@ -3,6 +3,7 @@ GPUs through a fake ``pynvml`` (this machine has none) and through the real one'
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -26,11 +27,13 @@ from trainenv.resources import (
     Gpu,
     cpu_count,
     cpu_quota,
+    cpus_and_memory,
     gpus,
     memory_bytes,
     memory_limit_bytes,
     memory_usage_bytes,
     oom_kill_count,
+    oom_kill_counter,
     physical_memory_bytes,
 )
 
@@ -781,3 +784,44 @@ def test_real_nvml_without_a_gpu_is_fast_and_empty():
     ).stdout.split()
     assert out[0] == "()"
     assert float(out[1]) < 0.2, f"gpus({{}}) took {out[1]} s"
+
+
+COUNT_CGROUP_READS = """\
+import collections, json, os, sys
+opened = collections.Counter()
+def hook(event, args):
+    if event == "open" and not isinstance(args[0], int):
+        path = os.fsdecode(os.fspath(args[0]))
+        if path in ("/proc/self/mountinfo", "/proc/self/cgroup"):
+            opened[path] += 1
+sys.addaudithook(hook)
+try:
+    from trainenv.cli import main
+    main(["train"])
+finally:
+    sys.stderr.write("OPENED=" + json.dumps(opened) + "\\n")
+"""
+
+
+def test_a_launch_finds_its_cgroups_once_for_the_snapshot_and_once_for_the_oom_counter(tmp_path):
+    from support import job_environ, make_tree
+
+    base = make_tree(tmp_path / "job", code={"train.py": "pass\n"})
+    done = subprocess.run([sys.executable, "-c", COUNT_CGROUP_READS], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = json.loads(next(line for line in done.stderr.splitlines() if line.startswith("OPENED="))[len("OPENED="):])
+    # CPUs and memory share one look (cpus_and_memory); the OOM count before and after the
+    # job reads only its own file (oom_kill_counter).
+    assert opened == {"/proc/self/mountinfo": 2, "/proc/self/cgroup": 2}, opened
+
+
+def test_oom_kill_counter_finds_the_file_once_and_reads_it_on_each_call(tmp_path):
+    put(tmp_path, "/proc/self/cgroup", "0::/job\n")
+    put(tmp_path, "/proc/self/mountinfo", "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    events = put(tmp_path, "/sys/fs/cgroup/job/memory.events", "oom 0\noom_kill 0\n")
+    count = oom_kill_counter(str(tmp_path))
+    assert count() == 0
+    events.write_text("oom 1\noom_kill 1\n")
+    assert count() == 1 == oom_kill_count(str(tmp_path))
+    assert cpus_and_memory(str(tmp_path)) == (cpu_count(str(tmp_path)), memory_bytes(str(tmp_path)))

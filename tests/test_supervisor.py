@@ -72,3 +72,59 @@ def test_decode_wait_status_and_failure_text_limits():
     assert text.splitlines()[0].startswith("UserError:") and "KeyError: 'k'" in text[:1024]
     assert "noise" not in text and len(text) <= 8 * 1024
     assert "s3cret-value" not in failure_text(Outcome(1, "UserError", "r", "password=s3cret-value\n"), ["s3cret-value"])
+
+
+# -- how the job is started (trainenv.spawn): what subprocess.Popen gave it, without subprocess
+
+CHILD_VIEW = """\
+import json, os, signal, sys
+def is_open(fd):
+    try:
+        return bool(os.fstat(fd))
+    except OSError:
+        return False
+fds = [fd for fd in range(3, 1024) if is_open(fd)]
+print(json.dumps({'cwd': os.getcwd(), 'pgid': os.getpgid(0), 'pid': os.getpid(), 'fds': fds,
+                  'env': dict(os.environ)}), file=sys.stderr)
+"""
+
+
+def test_the_job_starts_in_its_own_group_with_its_env_and_cwd_and_none_of_our_fds(tmp_path):
+    import json
+
+    inherited_r, inherited_w = os.pipe()
+    os.set_inheritable(inherited_w, True)  # given to us by our parent: the job must not get it
+    ours = os.getcwd()
+    try:
+        result = Supervisor([PY, "-c", CHILD_VIEW], {"ONLY": "this"}, str(tmp_path)).run()
+    finally:
+        os.close(inherited_r)
+        os.close(inherited_w)
+    seen = json.loads(result.stderr_tail)
+    assert result.exit_code == 0 and os.getcwd() == ours
+    assert seen["cwd"] == str(tmp_path) and seen["pgid"] == seen["pid"] != os.getpgid(0)
+    assert seen["env"] == {"ONLY": "this"} or set(seen["env"]) <= {"ONLY", "LC_CTYPE"}
+    assert inherited_w not in seen["fds"] and seen["fds"] == []
+    shown = Supervisor(["/bin/sh", "-c", "exec grep SigIgn /proc/self/status >&2"], {}, str(tmp_path)).run()
+    ignored = int(shown.stderr_tail.split()[-1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1)) == 0  # Python ignores SIGPIPE: the job does not
+
+
+def test_a_bare_program_name_is_looked_up_on_the_jobs_path_and_a_relative_one_in_its_cwd(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "only-here"
+    tool.write_text("#!/bin/sh\necho found >&2\nexit 3\n")
+    tool.chmod(0o755)
+    found = Supervisor(["only-here"], {"PATH": f"/nonexistent:{bin_dir}"}, str(tmp_path)).run()
+    assert (found.exit_code, found.stderr_tail.strip()) == (3, "found")
+    missing = Supervisor(["only-here"], {"PATH": "/nonexistent"}, str(tmp_path)).run()
+    assert missing.exit_code == 127 and "only-here" in missing.exec_error
+    relative = Supervisor(["./bin/only-here"], {}, str(tmp_path)).run()
+    assert relative.exit_code == 3
+
+
+def test_a_missing_cwd_is_reported_and_ours_is_kept(tmp_path):
+    ours = os.getcwd()
+    result = Supervisor([PY, "-c", "pass"], {}, str(tmp_path / "gone")).run()
+    assert result.exit_code == 127 and result.exec_error and os.getcwd() == ours

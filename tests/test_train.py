@@ -454,3 +454,23 @@ def test_read_only_output_is_a_config_error_with_the_reason_on_stderr(tmp_path):
     assert f"ConfigError: cannot create {output / 'model'}: Read-only file system" in stderr
     assert "cannot write the failure file" in stderr and "Traceback" not in stderr
     assert not (base / "usercode" / "ran").exists() and not (output / "failure").exists()
+
+
+def test_the_launcher_ends_without_the_interpreters_tear_down_and_loses_no_output(tmp_path):
+    """``trainenv train`` flushes and leaves with ``os._exit``: an ``atexit`` hook (here from a
+    ``sitecustomize`` every interpreter loads) runs in the job, not in the launcher."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        f"atexit.register(lambda: open(os.path.join({str(hooks)!r}, f'exit-{{os.getpid()}}'), 'w').close())\n"
+    )
+    base = make_tree(tmp_path / "job", code={"train.py": "import sys\nprint('out ' * 20000)\nsys.exit(3)\n"})
+    launcher = subprocess.Popen([*TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", PYTHONPATH=str(hooks)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 3, err
+    assert out.decode().count("out ") == 20000
+    assert err.decode().rstrip().splitlines()[-1].startswith("trainenv: UserError:")  # the last line, flushed
+    exited = sorted(p.name for p in hooks.glob("exit-*"))
+    assert len(exited) == 1 and exited != [f"exit-{launcher.pid}"]  # the job's hook ran, the launcher's did not

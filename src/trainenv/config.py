@@ -27,7 +27,6 @@ import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from pathlib import Path
     from typing import Any, Iterable
 
     from yaml import Node, SafeLoader
@@ -42,16 +41,16 @@ MAX_YAML_NODES = 10_000
 TOO_DEEP = f"nested too deeply: more than {MAX_DEPTH} levels (the limit for config data)"
 
 # Hyperparameter names: what argparse, Hydra and env-var normalization can all carry.
-_HP_NAME = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.:+/\-]*\Z")
+_HP_NAME = r"[A-Za-z0-9_+][A-Za-z0-9_.:+/\-]*\Z"  # patterns compile on first use (re caches them)
 # Channel names become directory names below input/data and output/.
-_CHANNEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_CHANNEL_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z"
 
 # Hyperparameters that platforms add for themselves, not for the user's script.
 PLATFORM_HP_PREFIXES = ("sagemaker_",)
 PLATFORM_HP_NAMES = frozenset({"_tuning_objective_metric"})
 
 
-def read_bytes(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
+def read_bytes(path: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | None:
     """The file's bytes, ``None`` if it does not exist; a ConfigError if unreadable or too big."""
     try:
         with open(path, "rb") as handle:
@@ -69,11 +68,14 @@ def read_bytes(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> bytes | N
     return data
 
 
-def decode_text(path: str | Path, data: bytes) -> str:
+def decode_text(path: str, data: bytes) -> str:
+    """UTF-8, a leading byte order mark dropped (as ``utf-8-sig`` does, without loading that codec)."""
+    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
     try:
-        return data.decode("utf-8-sig")
+        return body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError.at(path, None, f"not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})") from None
+        at = exc.start + len(data) - len(body)  # the offset in the file, the mark included
+        raise ConfigError.at(path, None, f"not valid UTF-8 (byte {at}: {data[at:at + 1]!r})") from None
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -203,7 +205,7 @@ def check_launchable(source: object, key: object, value: Any) -> None:
             check_launchable(source, key, inner)
 
 
-def read_json_object(path: Path) -> dict[str, Any] | None:
+def read_json_object(path: str) -> dict[str, Any] | None:
     """A JSON file whose top level must be an object; ``None`` when the file is absent."""
     data = read_bytes(path)
     if data is None:
@@ -241,7 +243,7 @@ def decode_hyperparameter(value: Any, source: object = "hyperparameters", key: o
 
 
 def check_hyperparameter_name(source: object, name: str) -> None:
-    if not isinstance(name, str) or not _HP_NAME.match(name) or len(name) > MAX_NAME_LENGTH:
+    if not isinstance(name, str) or not re.match(_HP_NAME, name) or len(name) > MAX_NAME_LENGTH:
         raise ConfigError.at(
             source, shown(name), "invalid hyperparameter name: use ASCII letters, digits and _ . - : + / (no spaces, '=' or control characters)"
         )
@@ -251,7 +253,7 @@ def is_platform_hyperparameter(name: str) -> bool:
     return name in PLATFORM_HP_NAMES or name.startswith(PLATFORM_HP_PREFIXES)
 
 
-def read_hyperparameters(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_hyperparameters(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(user hyperparameters, platform parameters)`` in file order, values decoded.
 
     Platform parameters are the ``sagemaker_*`` keys (and ``_tuning_objective_metric``) that a
@@ -272,7 +274,7 @@ def check_channel_name(source: object, name: object) -> str:
     """A channel name must stay a single directory name below ``input/data``."""
     if (
         not isinstance(name, str)
-        or not _CHANNEL_NAME.match(name)
+        or not re.match(_CHANNEL_NAME, name)
         or ".." in name
         or len(name) > MAX_NAME_LENGTH
     ):
@@ -282,7 +284,7 @@ def check_channel_name(source: object, name: object) -> str:
     return name
 
 
-def read_input_data_config(path: Path) -> dict[str, Any]:
+def read_input_data_config(path: str) -> dict[str, Any]:
     """``{channel: {ContentType, TrainingInputMode, ...}}``; empty when the file is absent."""
     raw = read_json_object(path) or {}
     for name, value in raw.items():
@@ -293,7 +295,7 @@ def read_input_data_config(path: Path) -> dict[str, Any]:
     return raw
 
 
-def read_resource_config(path: Path) -> dict[str, Any] | None:
+def read_resource_config(path: str) -> dict[str, Any] | None:
     """SageMaker's ``{current_host, hosts, network_interface_name, ...}``; ``None`` if absent."""
     value = read_json_object(path)
     if value is not None:
@@ -302,7 +304,7 @@ def read_resource_config(path: Path) -> dict[str, Any] | None:
     return value
 
 
-def list_channel_dirs(data_dir: Path) -> list[str]:
+def list_channel_dirs(data_dir: str) -> list[str]:
     """Names of the directories directly below ``input/data`` (sorted), each validated.
 
     A link to a directory is a channel; a dangling link or a symlink loop is not one (and is
@@ -412,7 +414,7 @@ def _yaml_culprit(text: str) -> str | None:
     return None
 
 
-def read_file_settings(paths: Iterable[Path]) -> tuple[dict[str, Any], Path | None]:
+def read_file_settings(paths: Iterable[str]) -> tuple[dict[str, Any], str | None]:
     """The launch settings of the first ``trainenv.yaml`` that exists, as a mapping, and its path.
 
     ``({}, None)`` when there is none; PyYAML is imported only when there is one.

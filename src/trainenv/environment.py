@@ -16,7 +16,7 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Mapping
 
-    from trainenv.layout import Layout
+    from trainenv.layout import JobTree
     from trainenv.serving.config import ServingEnv
 
 from trainenv.errors import ConfigError
@@ -104,11 +104,11 @@ def probe_hardware(environ: Mapping[str, str], root: str = "/") -> tuple[int, in
             )
             for g in resources.gpus(environ)
         )
-        _hardware[key] = (resources.cpu_count(root), resources.memory_bytes(root), gpus)
+        _hardware[key] = (*resources.cpus_and_memory(root), gpus)
     return _hardware[key]
 
 
-def _output_channels(layout: Layout) -> list[str]:
+def _output_channels(layout: JobTree) -> list[str]:
     from trainenv.config import check_channel_name, is_dir_entry, is_ignored_dir
 
     from trainenv.layout import STANDARD_OUTPUT_CHANNELS
@@ -127,9 +127,9 @@ def _output_channels(layout: Layout) -> list[str]:
 def build_training_env(
     environ: Mapping[str, str] = os.environ,
     *,
-    layout: Layout | None = None,
+    layout: JobTree | None = None,
     settings: Mapping[str, Any] | None = None,
-    settings_source: object = None,
+    settings_source: str | None = None,
     root: str = "/",
     hostname: str | None = None,
 ) -> TrainingEnv:
@@ -141,9 +141,9 @@ def build_training_env(
     from trainenv.cluster import discover_cluster
     from trainenv.values import normalized_names, to_cmd_args
 
-    from trainenv.layout import Layout
+    from trainenv.layout import JobTree
 
-    layout = layout or Layout.resolve(environ)
+    layout = layout or JobTree.resolve(environ)
     settings_path = settings_source
     if settings is None:
         settings, settings_path = config.read_file_settings(layout.settings_files)
@@ -157,9 +157,9 @@ def build_training_env(
     cluster = discover_cluster(
         environ,
         resource_config=resource_config,
-        resource_config_source=str(layout.resourceconfig_file),
+        resource_config_source=layout.resourceconfig_file,
         settings=settings,
-        settings_source=str(settings_path or layout.settings_files[0]),
+        settings_source=settings_path or layout.settings_files[0],
         hostname=hostname or os.uname().nodename,
     )
     cpus, memory, gpus = probe_hardware(environ, root)
@@ -171,25 +171,25 @@ def build_training_env(
         or DEFAULT_JOB_NAME
     )
     return TrainingEnv(
-        base_dir=str(layout.base_dir),
+        base_dir=layout.base_dir,
         local_mode=layout.local_mode,
         job_name=str(job_name),
         hyperparameters=deep_freeze(hyperparameters),
         framework_parameters=deep_freeze(framework_parameters),
         user_args=tuple(to_cmd_args(hyperparameters)),
         channels=tuple(channels),
-        channel_dirs=FrozenDict({c: str(layout.channel_dir(c)) for c in channels}),
+        channel_dirs=FrozenDict({c: layout.channel_dir(c) for c in channels}),
         input_data_config=deep_freeze(input_data_config),
-        output_dirs=FrozenDict({c: str(layout.output_channel_dir(c)) for c in output_channels}),
-        code_dir=str(layout.code_dir),
-        input_dir=str(layout.input_dir),
-        config_dir=str(layout.config_dir),
-        data_dir=str(layout.data_dir),
-        output_dir=str(layout.output_dir),
-        model_dir=str(layout.model_dir),
-        checkpoint_dir=str(layout.checkpoint_dir),
-        tensorboard_dir=str(layout.tensorboard_dir),
-        failure_file=str(layout.failure_file),
+        output_dirs=FrozenDict({c: layout.output_channel_dir(c) for c in output_channels}),
+        code_dir=layout.code_dir,
+        input_dir=layout.input_dir,
+        config_dir=layout.config_dir,
+        data_dir=layout.data_dir,
+        output_dir=layout.output_dir,
+        model_dir=layout.model_dir,
+        checkpoint_dir=layout.checkpoint_dir,
+        tensorboard_dir=layout.tensorboard_dir,
+        failure_file=layout.failure_file,
         hosts=cluster.hosts,
         current_host=cluster.current_host,
         master_host=cluster.master_addr,

@@ -1,4 +1,4 @@
-"""trainenv's own failures, each with its category and exit code (CONTRACT §5).
+"""trainenv's own failures, each with its category and exit code.
 
 | exception       | category        | exit |
 |-----------------|-----------------|------|

@@ -224,7 +224,7 @@ def _sagemaker_vars(env: TrainingEnv, entry_point: str | None, training_job_name
 def _pai_vars(env: TrainingEnv) -> dict[str, str]:
     hps = env.hyperparameters
     out = {
-        # PAI writes every value as a string (conventions §1.1, §5.3).
+        # PAI writes every value as a string.
         "PAI_HPS": to_json({k: env_value(v) for k, v in hps.items()}),
         "PAI_USER_ARGS": " ".join(shlex.quote(arg) for arg in env.user_args),
         "PAI_WORKING_DIR": env.code_dir,

@@ -102,7 +102,6 @@ Node 0 writes the hostfile (``<host> slots=<nproc>``, node 0 first) into its run
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import re
 import sys
 
@@ -342,7 +341,7 @@ def _plan_mpi(
         return Launch(argv=wait, env={}, peers=((env.master_host, hub),))
 
     hosts = env.hosts if env.num_nodes > 1 else ("localhost",)
-    hostfile = str(hostfile_path(Path(directory)))
+    hostfile = hostfile_path(directory)
     hostfile_text = "".join(f"{host} slots={nproc}\n" for host in hosts)
     options = list(settings.mpi_options)
     argv: list[str] = [mpirun]

@@ -34,7 +34,7 @@ from trainenv.redact import redact_text
 
 FAILURE_FILE_LIMIT = 8 * 1024
 FIRST_PART = 1024
-_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning|Fault)\b.*")
+_EXCEPTION_LINE = r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning|Fault)\b"  # compiled on first failure (re caches it)
 
 
 @frozen
@@ -76,7 +76,7 @@ def exception_line(stderr_tail: str) -> str | None:
     """The last line that looks like ``SomeError: message``, if any."""
     for line in reversed(stderr_tail.splitlines()):
         stripped = line.strip()
-        if _EXCEPTION_LINE.match(stripped):
+        if re.match(_EXCEPTION_LINE, stripped):
             return stripped
     return None
 

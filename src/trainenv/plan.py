@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import re
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
@@ -40,11 +39,11 @@ if TYPE_CHECKING:  # pragma: no cover
 from trainenv.errors import ConfigError, shown
 from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines, to_env_vars
 from trainenv.frozen import fields, frozen, plain
-from trainenv.layout import Layout, snapshot_file
+from trainenv.layout import JobTree, absolute_path, snapshot_file
 from trainenv.launchers import EntryPoint, Launch, plan_launch
 from trainenv.redact import is_secret_name, known_secrets, redact_data
 
-_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"  # compiled on first use (re caches it)
 RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names added after export
 ENV_FILE_NAME = "TRAINENV_ENV_FILE"
 
@@ -171,9 +170,10 @@ def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[
         return _classify(env, settings.entry_point.strip(), settings.sources.get("entry_point", "entry_point"), environ)
     if settings.command:
         return EntryPoint("command", settings.command, settings.sources.get("command", "command"))
-    command_file = Path(env.config_dir) / "execution" / "command.sh"
-    if command_file.is_file():
-        return EntryPoint("command", command_file.read_text(encoding="utf-8", errors="replace"), str(command_file))
+    command_file = JobTree(env.base_dir).command_file
+    if os.path.isfile(command_file):
+        with open(command_file, encoding="utf-8", errors="replace") as handle:
+            return EntryPoint("command", handle.read(), command_file)
     program = environ.get("SAGEMAKER_PROGRAM") or env.framework_parameters.get("sagemaker_program")
     if program:
         return _classify(env, str(program), "SAGEMAKER_PROGRAM", environ)
@@ -183,25 +183,25 @@ def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[
 def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, str]) -> EntryPoint:
     if entry.startswith("-m"):
         module = entry[2:].strip()
-        if not _MODULE_NAME.match(module):
+        if not re.fullmatch(_MODULE_NAME, module):
             raise ConfigError.at(source, None, f"{shown(entry)}: expected '-m package.module'")
         return EntryPoint("module", module, source, entry)
-    path = Path(entry) if os.path.isabs(entry) else Path(env.code_dir) / entry
+    path = absolute_path(os.path.join(env.code_dir, entry))  # an absolute entry stays itself
     if entry.endswith((".py", ".sh")) or os.sep in entry:
-        if path.is_dir():
+        if os.path.isdir(path):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} is a directory, expected a file")
-        if not path.is_file():
+        if not os.path.isfile(path):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} does not exist")
         if entry.endswith(".py"):
-            return EntryPoint("script", str(path), source, entry)
+            return EntryPoint("script", path, source, entry)
         if entry.endswith(".sh"):
-            return EntryPoint("shell", str(path), source, entry)
-    if path.is_dir():
+            return EntryPoint("shell", path, source, entry)
+    if os.path.isdir(path):
         raise ConfigError.at(source, None, f"{shown(entry)}: {path} is a directory, expected a file")
-    if path.is_file():
+    if os.path.isfile(path):
         if not os.access(path, os.X_OK):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} is not executable (chmod +x it, or name a .py/.sh file)")
-        return EntryPoint("executable", str(path), source, entry)
+        return EntryPoint("executable", path, source, entry)
     import shutil
 
     found = shutil.which(entry, path=environ.get("PATH", os.defpath))
@@ -211,8 +211,8 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
 
 
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
-    """Where this launch keeps its own files (``Layout.run_dir``): never an output channel."""
-    return str(Layout(Path(env.base_dir), env.local_mode).run_dir(env.job_name, env.current_host, environ))
+    """Where this launch keeps its own files (``JobTree.run_dir``): never an output channel."""
+    return JobTree(env.base_dir, env.local_mode).run_dir(env.job_name, env.current_host, environ)
 
 
 def child_environ(
@@ -238,7 +238,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     """
     entry = _resolve_entry(env, settings, environ)
     if entry is None and require_entry:
-        raise ConfigError(_NO_ENTRY.format(command_file=Path(env.config_dir) / "execution" / "command.sh"))
+        raise ConfigError(_NO_ENTRY.format(command_file=JobTree(env.base_dir).command_file))
     python = settings.interpreter
     nproc = settings.nproc_per_node or env.platform_nproc_per_node or env.num_gpus or 1
     port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
@@ -259,14 +259,14 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         total_budget=(room - args_size) // (2 if settings.distribution == "mpi" else 1),
     )
     directory = run_dir(env, environ)
-    env_file = str(snapshot_file(Path(directory)))
+    env_file = snapshot_file(directory)
     names = (*exported, ENV_FILE_NAME, "PYTHONPATH", "PYTHONUNBUFFERED")
     launch = Launch(argv=())
     if entry is not None:
         launch = plan_launch(env, settings, entry, python, args, nproc, port, directory, environ, names)
     extra = {ENV_FILE_NAME: env_file, **launch.env}
     rank = "?" if env.node_rank is None else env.node_rank
-    requirements = Path(env.code_dir) / "requirements.txt"
+    requirements = JobTree(env.base_dir).requirements_file
     dirs = list(env.output_dirs.values())
     if "SM_OUTPUT_DATA_DIR" in exported:  # SageMaker scripts write there without creating it
         dirs.append(exported["SM_OUTPUT_DATA_DIR"])
@@ -288,7 +288,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         env_file=env_file,
         snapshot_json=env.to_json(),
         install_python=python,
-        requirements_file=str(requirements) if requirements.is_file() else None,
+        requirements_file=requirements if os.path.isfile(requirements) else None,
         dirs_to_create=tuple(dict.fromkeys(dirs)),
         failure_file=env.failure_file,
         log_prefix=f"[{env.current_host}:{rank}] " if settings.log_prefix else None,
@@ -308,10 +308,9 @@ def read_plan(flags: Mapping[str, object], environ: Mapping[str, str]) -> tuple[
     """
     from trainenv import config
     from trainenv.environment import training_env
-    from trainenv.layout import Layout
     from trainenv.settings import resolve_settings
 
-    file_settings, settings_path = config.read_file_settings(Layout.resolve(environ).settings_files)
+    file_settings, settings_path = config.read_file_settings(JobTree.resolve(environ).settings_files)
     settings = resolve_settings(flags, environ, file_settings, settings_path or "trainenv.yaml")
     env = training_env(environ)
     return env, build_plan(env, settings, environ, require_entry=False)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.console import Console, console_for
 from trainenv.errors import ConfigError, SignalError, TrainenvError
-from trainenv.layout import Layout
+from trainenv.layout import JobTree
 from trainenv.outcome import Outcome, classify, failure_text, remove_failure_file, write_failure_file
 from trainenv.redact import known_secrets, secret_values
 
@@ -119,7 +119,7 @@ class Launch:
     def __init__(self, flags: Mapping[str, Any], environ: Mapping[str, str]) -> None:
         self.flags = dict(flags)
         self.environ = environ
-        self.layout = Layout.resolve(environ)
+        self.layout = JobTree.resolve(environ)
         self.secrets = secret_values(environ)
         self.console: Console = console_for(environ, self.secrets)
         self.dry_run = False
@@ -129,7 +129,7 @@ class Launch:
     def run(self, dry_run: bool = False) -> int:
         code = self._run(dry_run)
         if self.nodes is not None:  # tell the other nodes how the job ended (trainenv.nodes)
-            self.nodes.finish(code, str(self.layout.failure_file))
+            self.nodes.finish(code, self.layout.failure_file)
         return code
 
     def _run(self, dry_run: bool) -> int:
@@ -188,7 +188,7 @@ class Launch:
 
     def _start_clean(self) -> None:
         """A run starts without the failure file of an earlier run (``--dry-run`` keeps it)."""
-        path = str(self.layout.failure_file)
+        path = self.layout.failure_file
         try:
             remove_failure_file(path)
         except OSError as exc:
@@ -236,7 +236,7 @@ class Launch:
             self.console.info("requirements already installed in this container: skipped")
 
     def _supervise(self, plan: Any) -> int:
-        from trainenv.resources import oom_kill_count
+        from trainenv.resources import oom_kill_counter
         from trainenv.supervisor import Supervisor, become_subreaper
 
         become_subreaper()
@@ -249,7 +249,7 @@ class Launch:
             log_prefix=plan.log_prefix,
             debug=self.console.debug,
             info=self.console.info,
-            oom_count=oom_kill_count,
+            oom_count=oom_kill_counter(),
             before_spawn=self.signals.check,
         )
         result = supervisor.run()
@@ -276,7 +276,7 @@ class Launch:
         if self.dry_run:
             return outcome.exit_code  # --dry-run writes nothing, not even a failure file
         try:
-            written = write_failure_file(str(self.layout.failure_file), failure_text(outcome, self.secrets))
+            written = write_failure_file(self.layout.failure_file, failure_text(outcome, self.secrets))
             if not written:
                 self.console.info(f"kept the failure file the job wrote: {self.layout.failure_file}")
         except OSError as exc:

@@ -5,7 +5,7 @@ through, forward signals to all of the job, reap every child that dies, and retu
 own exit status once the main process is gone.
 
 **The loop.** Signal handlers do nothing themselves: Python's C-level handler writes the
-signal number to a wakeup pipe (``signal.set_wakeup_fd``). One loop waits on a selector over
+signal number to a wakeup pipe (``signal.set_wakeup_fd``). One loop waits (``poll``) on
 that pipe and the job's stderr (and stdout, with line prefixes), then each tick:
 
 1. dispatches every signal read from the pipe: ``SIGTERM``/``SIGINT`` → ``stop``; ``SIGHUP``,
@@ -38,9 +38,8 @@ from __future__ import annotations
 
 import errno
 import os
-import selectors
+import select
 import signal
-import subprocess
 import sys
 import time
 
@@ -80,11 +79,18 @@ def become_subreaper() -> bool:
         return True
     if not sys.platform.startswith("linux"):
         return False
-    try:
+    args = (PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    try:  # ctypes' C core alone: the same call ctypes makes, without ~2 ms of ctypes' own imports
+        import _ctypes
+
+        libc = _ctypes.dlopen(None)  # type: ignore[arg-type]  # None: this program and its libraries (typeshed says str)
+        return bool(_ctypes.call_function(_ctypes.dlsym(libc, "prctl"), args) == 0)
+    except (ImportError, AttributeError, OSError):
+        pass
+    try:  # an interpreter whose _ctypes lacks those helpers
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return bool(ctypes.CDLL(None).prctl(*args) == 0)
     except (OSError, AttributeError):
         return False
 
@@ -116,7 +122,7 @@ class Supervisor:
         self.info = info
         self.oom_count = oom_count
         self.before_spawn = before_spawn  # runs once our handlers are in place: may raise to spawn nothing
-        self.process: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None  # the job's main process, the leader of its process group
         self.foreign: frozenset[int] = frozenset()  # processes below us from before the job: not the job's
         self.main_status: int | None = None
         self.stopped_by: int | None = None
@@ -124,7 +130,8 @@ class Supervisor:
         self.kill_at: float | None = None
         self.deadline: float | None = None
         self.streams: dict[int, Stream] = {}
-        self.selector = selectors.DefaultSelector()
+        self.poller = select.poll()
+        self.watched: dict[int, Stream | None] = {}  # polled fds: the job's pipes, and None for the wakeup pipe
 
     # -- signals -----------------------------------------------------------------------
 
@@ -174,16 +181,16 @@ class Supervisor:
 
     def _signal_job(self, number: int) -> None:
         """Signal the job's process group, and each process of the job outside it."""
-        if self.process is None:
+        if self.pid is None:
             return
         try:
-            os.killpg(self.process.pid, number)
+            os.killpg(self.pid, number)
         except ProcessLookupError:
             pass
         except PermissionError:
             self.debug("cannot signal the job's process group (permission denied)")
         for pid, group in self._strays().items():
-            if group != self.process.pid:  # the group got it already
+            if group != self.pid:  # the group got it already
                 try:
                     os.kill(pid, number)
                 except (ProcessLookupError, PermissionError):
@@ -212,9 +219,8 @@ class Supervisor:
                 continue
             if pid == 0:
                 return
-            if self.process is not None and pid == self.process.pid:
+            if pid == self.pid:
                 self.main_status = status
-                self.process.returncode = 0  # tell Popen not to wait for it again
             else:
                 self.debug(f"reaped orphan {pid}")
 
@@ -227,23 +233,22 @@ class Supervisor:
         the buffer, a 2 ms pause lets the pipe fill up: a chatty job then costs a few hundred
         reads a second instead of one per line, at most 2 ms later on screen.
         """
-        events = self.selector.select(timeout)
+        events = self.poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0)
         reap_due = not events
         partial_read = False
-        for key, _ in events:
-            if key.data == "wakeup":
+        for fd, _ in events:  # readable, or closed (POLLHUP): a read tells which
+            stream = self.watched[fd]
+            if stream is None:
                 try:
-                    data = os.read(key.fd, 512)
+                    data = os.read(fd, 512)
                 except (BlockingIOError, InterruptedError):
                     continue
                 for number in data:
                     reap_due |= number == signal.SIGCHLD
                     self.handle_signal(number)
             else:
-                stream: Stream = key.data
                 if not stream.pump():
-                    self.selector.unregister(stream.fd)
-                    os.close(stream.fd)
+                    self._unwatch(fd)
                     reap_due = True
                 elif not stream.last_read_full:
                     partial_read = True
@@ -263,28 +268,31 @@ class Supervisor:
     def _spawn(self) -> None:
         if _has_children():  # only when embedded in a process with children of its own
             self.foreign = frozenset(_descendants(os.getpid()))
-        stdout = subprocess.PIPE if self.prefix else None
-        options: dict[str, Any] = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
-        self.process = subprocess.Popen(
-            self.argv, env=self.env, cwd=self.cwd, stdout=stdout, stderr=subprocess.PIPE, **options
-        )
-        pipes = [(self.process.stderr, 2, True), (self.process.stdout, 1, False)]
-        for pipe, target, keep_tail in pipes:
-            if pipe is None:
-                continue  # no prefix: the job writes to our stdout itself
-            fd = os.dup(pipe.fileno())
-            pipe.close()
+        from trainenv.spawn import spawn
+
+        pipes = {2: os.pipe()}
+        if self.prefix:  # else the job writes to our stdout itself
+            pipes[1] = os.pipe()
+        try:
+            self.pid = spawn(self.argv, self.env, self.cwd, pipes[1][1] if 1 in pipes else None, pipes[2][1])
+        except BaseException:
+            for read_end, write_end in pipes.values():
+                os.close(read_end)
+                os.close(write_end)
+            raise
+        for target, (fd, write_end) in pipes.items():
+            os.close(write_end)
+            keep_tail = target == 2
             os.set_blocking(fd, False)
             grow_pipe(fd)
             stream = Stream(fd, target, self.prefix, keep_tail)
             self.streams[target] = stream
-            self.selector.register(fd, selectors.EVENT_READ, stream)
-        self.process.stdout = self.process.stderr = None
+            self._watch(fd, stream)
 
     def run(self) -> RunResult:
         started = time.monotonic()
         installed = self._install_signals()
-        self.selector.register(installed[0], selectors.EVENT_READ, "wakeup")
+        self._watch(installed[0], None)
         oom_before = self.oom_count()
         try:
             self.before_spawn()
@@ -308,8 +316,9 @@ class Supervisor:
             self._end_leftovers()
             self._drain()
         finally:
-            self._restore_signals(installed)
-            self.selector.close()
+            self.poller.unregister(installed[0])
+            del self.watched[installed[0]]
+            self._restore_signals(installed)  # closes the wakeup pipe
         from trainenv.outcome import decode_wait_status
 
         assert self.main_status is not None
@@ -321,9 +330,9 @@ class Supervisor:
 
     def _job_alive(self) -> bool:
         """Whether any process of the job is left: in its group, or anywhere below us."""
-        assert self.process is not None
+        assert self.pid is not None
         try:
-            os.killpg(self.process.pid, 0)
+            os.killpg(self.pid, 0)
             return True
         except (ProcessLookupError, PermissionError):
             return bool(self._strays())
@@ -349,14 +358,23 @@ class Supervisor:
     def _drain(self) -> None:
         """Copy what is still in the pipes; stop when they close or go quiet."""
         quiet_until = time.monotonic() + 1.0
-        while any(isinstance(k.data, Stream) for k in self.selector.get_map().values()):
+        while any(stream is not None for stream in self.watched.values()):
             if time.monotonic() > quiet_until:
                 break
             self._pump(0.05)
-        for key in list(self.selector.get_map().values()):
-            if isinstance(key.data, Stream):
-                self.selector.unregister(key.fd)
-                os.close(key.fd)
+        for fd, stream in list(self.watched.items()):
+            if stream is not None:
+                self._unwatch(fd)
+
+    def _watch(self, fd: int, stream: Stream | None) -> None:
+        self.poller.register(fd, select.POLLIN)
+        self.watched[fd] = stream
+
+    def _unwatch(self, fd: int) -> None:
+        """Stop polling one of the job's pipes, and close it."""
+        self.poller.unregister(fd)
+        del self.watched[fd]
+        os.close(fd)
 
 
 def _has_children() -> bool:

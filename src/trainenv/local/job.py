@@ -50,7 +50,7 @@ def hyperparameters_from(hps_file: str | None, hp_pairs: Iterable[tuple[str, str
 
     values: dict[str, str] = {}
     if hps_file:
-        loaded = read_json_object(Path(hps_file))
+        loaded = read_json_object(str(hps_file))
         if loaded is None:
             raise ConfigError.at("--hps-file", None, f"{hps_file!r} does not exist")
         for name, value in loaded.items():

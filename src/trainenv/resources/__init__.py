@@ -1,8 +1,10 @@
-"""What this node gives the job: CPUs, memory and GPUs (CONTRACT §2, "Resources").
+"""What this node gives the job: CPUs, memory and GPUs.
 
 Every function here only reads. The cgroup readers take ``root`` (default ``"/"``): every
 file is read below it (``<root>/proc/self/cgroup``, ``<root>/sys/fs/cgroup/...``), so tests
-point them at a fake tree. Nothing is cached; each call reads afresh.
+point them at a fake tree. Nothing is cached; each call reads afresh (``cpus_and_memory()``
+finds the process's cgroups once for both; ``oom_kill_counter()`` finds the OOM file once and
+reads it on each call).
 
 CPUs: ``cpu_count()``
     The scheduler affinity (``os.sched_getaffinity(0)``, which already reflects ``taskset``
@@ -88,10 +90,12 @@ from __future__ import annotations
 from trainenv.resources.cgroups import (
     cpu_count,
     cpu_quota,
+    cpus_and_memory,
     memory_bytes,
     memory_limit_bytes,
     memory_usage_bytes,
     oom_kill_count,
+    oom_kill_counter,
     physical_memory_bytes,
 )
 from trainenv.resources.gpus import Gpu, gpus
@@ -100,10 +104,12 @@ __all__ = [
     "Gpu",
     "cpu_count",
     "cpu_quota",
+    "cpus_and_memory",
     "gpus",
     "memory_bytes",
     "memory_limit_bytes",
     "memory_usage_bytes",
     "oom_kill_count",
+    "oom_kill_counter",
     "physical_memory_bytes",
 ]

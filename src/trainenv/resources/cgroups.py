@@ -9,7 +9,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterator
+    from typing import Callable, Iterator
 
 from trainenv.errors import ConfigError, shown
 from trainenv.frozen import frozen
@@ -31,7 +31,7 @@ DEFAULT_CFS_PERIOD_US = 100_000
 
 _READ_LIMIT = 64 * 1024
 DIGITS = re.compile(r"[0-9]+", re.ASCII)
-_SIGNED = re.compile(r"-?[0-9]+", re.ASCII)
+_SIGNED = r"-?[0-9]+"  # v1 only: compiled on first use (re caches it)
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def _parse_cpu_max(path: str, text: str) -> float | None:
 def _parse_cfs(quota_path: str, quota_text: str, period_path: str, period_text: str | None) -> float | None:
     """v1 ``cpu.cfs_quota_us`` (+ period) -> CPUs, ``None`` for no limit (-1)."""
     quota = quota_text.strip()
-    if not _SIGNED.fullmatch(quota) or int(quota) == 0 or (int(quota) < 0 and int(quota) != -1):
+    if not re.fullmatch(_SIGNED, quota, re.ASCII) or int(quota) == 0 or (int(quota) < 0 and int(quota) != -1):
         raise _bad(quota_path, quota_text, "-1 or a positive number of microseconds")
     if int(quota) == -1:
         return None
@@ -281,7 +281,10 @@ def _affinity_count() -> int:
 
 def cpu_quota(root: str = "/") -> float | None:
     """The cgroup CPU quota in CPUs (v1 or v2, smallest over the ancestors); ``None`` if none."""
-    groups = _Cgroups(root)
+    return _cpu_quota(_Cgroups(root))
+
+
+def _cpu_quota(groups: _Cgroups) -> float | None:
     limits = []
     for directory in groups.chains(2, "cpu"):
         path = os.path.join(directory, "cpu.max")
@@ -303,8 +306,18 @@ def cpu_count(root: str = "/", affinity: set[int] | None = None) -> int:
 
     ``affinity`` replaces ``os.sched_getaffinity(0)`` (for tests).
     """
+    return _cpu_count(_Cgroups(root), affinity)
+
+
+def cpus_and_memory(root: str = "/") -> tuple[int, int]:
+    """``(cpu_count(root), memory_bytes(root))``, finding this process's cgroups once."""
+    groups = _Cgroups(root)
+    return _cpu_count(groups, None), _memory_bytes(groups)
+
+
+def _cpu_count(groups: _Cgroups, affinity: set[int] | None) -> int:
     count = len(affinity) if affinity is not None else _affinity_count()
-    quota = cpu_quota(root)
+    quota = _cpu_quota(groups)
     if quota is not None:
         count = min(count, math.ceil(quota))
     return max(1, count)
@@ -330,7 +343,10 @@ def memory_limit_bytes(root: str = "/") -> int | None:
     ``None`` when there is none: v1's "unlimited" (9223372036854771712) and any other limit
     at or above physical memory count as no limit.
     """
-    groups = _Cgroups(root)
+    return _memory_limit(_Cgroups(root))
+
+
+def _memory_limit(groups: _Cgroups) -> int | None:
     limits = []
     for version, name in ((2, "memory.max"), (1, "memory.limit_in_bytes")):
         for directory in groups.chains(version, "memory"):
@@ -345,7 +361,11 @@ def memory_limit_bytes(root: str = "/") -> int | None:
 
 def memory_bytes(root: str = "/") -> int:
     """Memory the job may use: the cgroup limit when below physical memory, else physical."""
-    limit = memory_limit_bytes(root)
+    return _memory_bytes(_Cgroups(root))
+
+
+def _memory_bytes(groups: _Cgroups) -> int:
+    limit = _memory_limit(groups)
     return physical_memory_bytes() if limit is None else limit
 
 
@@ -365,6 +385,20 @@ def oom_kill_count(root: str = "/") -> int | None:
     """How many processes the kernel OOM-killed in this cgroup so far; ``None`` if unknown."""
     found = _first_memory_file(root, "memory.events", "memory.oom_control")
     return None if found is None else _parse_oom_kill(*found)
+
+
+def oom_kill_counter(root: str = "/") -> Callable[[], int | None]:
+    """``oom_kill_count`` for repeated calls: the cgroup file is found once, then only read."""
+    found = _first_memory_file(root, "memory.events", "memory.oom_control")
+    if found is None:
+        return lambda: None
+    path = found[0]
+
+    def count() -> int | None:
+        text = _read(path)
+        return None if text is None else _parse_oom_kill(path, text)
+
+    return count
 
 
 def memory_usage_bytes(root: str = "/") -> int | None:

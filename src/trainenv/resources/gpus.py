@@ -39,7 +39,7 @@ class Gpu:
 
 
 _NO_GPUS = ("none", "void", "")
-_LEGACY_MIG = re.compile(r"MIG-(GPU-[^/]+)/([0-9]+)/([0-9]+)", re.ASCII)
+_LEGACY_MIG = r"MIG-(GPU-[^/]+)/([0-9]+)/([0-9]+)"  # compiled on first use (re caches it)
 
 
 def _visibility(environ: Mapping[str, str]) -> tuple[str, str] | None:
@@ -171,7 +171,7 @@ def _resolve(variable: str, entries: list[str] | None, nvml: _Nvml) -> list[Any]
             handle = nvml.handles[index]
         elif entry.startswith("GPU-"):
             handle = _by_uuid(variable, entry, list(zip(nvml.handles, nvml.uuids)))
-        elif _LEGACY_MIG.fullmatch(entry):
+        elif re.fullmatch(_LEGACY_MIG, entry, re.ASCII):
             matches = [mig for mig, _, ident in nvml.migs() if ident.lower() == entry.lower()]
             if not matches:
                 idents = [ident for _, _, ident in nvml.migs() if ident]
