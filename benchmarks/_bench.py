@@ -356,7 +356,7 @@ def _last_error(path: Path) -> str:
 
 # -- the fake job trees ------------------------------------------------------------------------
 
-# The hyperparameters of the research's SageMaker tree (sagemaker-training.md §3.8), as the SDK
+# The hyperparameters of a fake SageMaker job (tests/data/sagemaker_research_tree), as the SDK
 # writes them (JSON-encoded strings); trainenv's tree gets the same file.
 SAGEMAKER_HPS = {
     "lr": "0.1", "epochs": "3", "flag": "true", "layers": "[1, 2]", "cfg": "{\"a\": 1}",
@@ -384,7 +384,7 @@ def write_json(path: Path, value: Any) -> None:
 
 def make_trainenv_tree(base: Path, scripts: Mapping[str, str], hyperparameters: Optional[Mapping[str, Any]] = None,
                        resource_config: Optional[Mapping[str, Any]] = None) -> Path:
-    """A trainenv job tree (README, "The container contract") equivalent to the research's SageMaker tree."""
+    """A trainenv job tree (README, "The container contract") equivalent to the fake SageMaker tree."""
     config = base / "input" / "config"
     write_json(config / "hyperparameters.json", SAGEMAKER_HPS if hyperparameters is None else hyperparameters)
     write_json(config / "inputdataconfig.json", INPUT_DATA_CONFIG)
@@ -399,7 +399,7 @@ def make_trainenv_tree(base: Path, scripts: Mapping[str, str], hyperparameters: 
 
 
 def make_sagemaker_tree(base: Path, scripts: Mapping[str, str]) -> Path:
-    """The research's fake ``/opt/ml`` tree (sagemaker-training.md §3.8)."""
+    """The fake SageMaker ``/opt/ml`` tree."""
     config = base / "input" / "config"
     write_json(config / "hyperparameters.json", SAGEMAKER_HPS)
     write_json(config / "inputdataconfig.json", INPUT_DATA_CONFIG)
@@ -416,7 +416,7 @@ def make_sagemaker_tree(base: Path, scripts: Mapping[str, str]) -> Path:
 
 
 def sagemaker_env(base: Path, program: str, **extra: str) -> Dict[str, str]:
-    """What ``train`` needs to run locally: the tree, the program, no DNS wait (§3.9)."""
+    """What ``train`` needs to run locally: the tree, the program, no DNS wait (local mode)."""
     return base_env(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_PROGRAM=program, SM_STUDIO_LOCAL_MODE="true", **extra)
 
 

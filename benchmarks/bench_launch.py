@@ -6,18 +6,18 @@ Usage::
     python benchmarks/bench_launch.py --json
     python benchmarks/bench_launch.py --no-sagemaker --runs 10
 
-Trees: the research's fake SageMaker tree (sagemaker-training.md §3.8: 8 hyperparameters as
+Trees: a fake SageMaker tree (tests/data/sagemaker_research_tree: 8 hyperparameters as
 JSON-encoded strings, channels ``train`` and ``validation``, one host) and the same job in
 trainenv's layout; the entry point is a trivial ``train.py`` (``print(sys.argv)``).
 
 1. **Launch overhead** (interleaved): ``python usercode/train.py <the hyperparameter args>`` ·
    ``trainenv train`` (``TRAINENV_ENTRY_POINT=train.py``) · sagemaker's ``train``
    (``SAGEMAKER_PROGRAM=train.py``, ``SM_STUDIO_LOCAL_MODE=true``). Goal: ≤ 25 ms over direct,
-   i.e. little beyond the launcher's own interpreter start (sagemaker: ≈ 515 ms in the research).
+   i.e. little beyond the launcher's own interpreter start (sagemaker: ≈ 515 ms measured earlier).
    The *cpu* columns (user+sys of the launcher and its child, from ``wait4``) are steadier
    than wall time on a shared machine.
 2. **Launcher peak RSS**: the entry point reads ``VmHWM`` from ``/proc/<ppid>/status`` while
-   it runs (the research's method), median of 5. Goal: ≤ 25 MB.
+   it runs, median of 5. Goal: ≤ 25 MB.
 3. **Already-installed requirements** (interleaved; pip and sagemaker, ~1 s a run, get fewer
    runs than the trainenv commands): ``requirements.txt`` = ``psutil``, which
    both venvs have. trainenv with its skip marker (second and later runs) and without it (a

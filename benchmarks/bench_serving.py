@@ -6,7 +6,7 @@ are server overhead; any real model dominates them):
 
 1. **Start-up**: from ``Popen`` to the first ``GET /ping`` 200 (polled every 5 ms), then to the
    first ``POST /invocations`` 200; the median of ``--starts`` runs.
-2. **Throughput and latency**: small-JSON ``POST /invocations`` (the 8-float body of serving.md §4.1)
+2. **Throughput and latency**: small-JSON ``POST /invocations`` (an 8-float JSON body)
    at 1 and 16 keep-alive connections for ``--seconds`` each, after a 2 s warm-up: requests/s,
    p50, p99, errors (any non-200, reset or 5 s stall).
 3. **Soak**: ``--soak`` seconds at 16 connections against each trainenv server; must end with 0 errors.
@@ -14,7 +14,7 @@ are server overhead; any real model dominates them):
 The load generator is this file run as ``bench_serving.py load ...`` in its own process: one
 thread, non-blocking sockets and ``selectors``, pre-built request bytes, just enough response
 parsing (status line, ``Content-Length``, ``Connection``). It runs on the same 2 cores as the
-server, so it competes with it, as ``wrk`` did for serving.md §4.2.
+server, so it competes with it, as ``wrk`` did for the anchors below.
 
 Servers:
 
@@ -95,7 +95,7 @@ class Server(ThreadingHTTPServer):
 Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
 
-# serving.md §4.2 (2-core VM, wrk -t1, medians of 3 passes); not rerun here.
+# Measured earlier (2-core VM, wrk -t1, medians of 3 passes); not rerun here.
 ANCHORS = [
     ("sagemaker-containers serve (nginx+gevent x2)", 2.87, 919, 1618, 29.0),
     ("sagemaker-containers worker (gevent x2)", 1.46, 1569, 2741, 227.0),
@@ -447,7 +447,7 @@ def main() -> int:
         )
     for name, startup, rps1, rps16, p99 in ANCHORS:
         print(
-            f"{'anchor: ' + name:44} {startup:>12.2f} {'':>9} {rps1:>9} {'':>8} {rps16:>10} {'':>7}   {p99:<6.1f} {'':>6}  (serving.md §4.2)"
+            f"{'anchor: ' + name:44} {startup:>12.2f} {'':>9} {rps1:>9} {'':>8} {rps16:>10} {'':>7}   {p99:<6.1f} {'':>6}  (earlier run)"
         )
     for name, row in results.items():
         if "soak" in row:

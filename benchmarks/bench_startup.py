@@ -7,8 +7,8 @@ Usage::
     python benchmarks/bench_startup.py --no-sagemaker --runs 10
 
 (a) **Import + snapshot**, side by side, each a fresh interpreter, interleaved:
-    ``python -c pass`` (the floor) · ``import trainenv; trainenv.training_env()`` on the research's
-    §3.8 tree · the same inside a job (``TRAINENV_ENV_FILE`` set, the snapshot is loaded) ·
+    ``python -c pass`` (the floor) · ``import trainenv; trainenv.training_env()`` on the fake
+    SageMaker tree · the same inside a job (``TRAINENV_ENV_FILE`` set, the snapshot is loaded) ·
     ``import sagemaker_training.environment`` and ``Environment()`` on the same tree in
     SageMaker's layout (its own venv's floor subtracted). Goals over the floor: ≤ 8 ms in a job,
     ≤ 15 ms outside one.

@@ -4,19 +4,23 @@ No registry is reachable from the test machine, so ``python:3.11-slim`` cannot b
 ``write_python_rootfs`` makes a stand-in from this machine's own files instead: the
 interpreter behind the running venv (``sys.base_prefix``: pyenv's, python.org's or the
 distro's) at the same paths as here, its standard library without tests and GUI modules, the
-venv's pip in the interpreter's ``purelib``, ``sh``/``rm``/``chmod``, every shared library
-those load (``ldd``) plus the manylinux baseline libraries, and ``python``/``python3`` links in
-``/usr/local/bin``. It is a plain tarball (~86 MB, written in ~1 s) that ``podman import``
+venv's pip in the interpreter's ``purelib``, ``sh``, ``bash`` and the everyday tools of
+coreutils, grep, sed, findutils and procps (``sleep``, ``cat``, ``ls``, ``ps``, ...), every shared
+library those load (``ldd``) plus the manylinux baseline libraries, and ``python``/``python3``
+links in ``/usr/local/bin``. It is a plain tarball (~100 MB, written in ~1 s) that ``podman import``
 turns into an image in ~3 s, with the interpreter's scripts dir on ``PATH``. The image under
 test is then built from ``docker/Dockerfile.cpu`` unchanged, with ``--build-arg BASE=``
 naming that local image and ``--build-arg PIP_NO_INDEX=true`` so pip installs from the
-wheels in the build context only.
+wheels in the build context only. ``build_image_offline`` does all of it; run as a script
+(``python tests/image_support.py [TAG]``), this module builds the image into podman's own
+storage, the offline route the README gives.
 
 ``Podman`` runs podman with ``--root``/``--runroot``/``--tmpdir`` (and ``TMPDIR``) under one
 state directory, the cgroupfs manager and the file events backend, and ``Podman.reset``
 removes it all. One exception: podman 4.3 keeps its blob-info cache in
 ``/var/lib/containers/cache`` whatever ``--root`` says (the test removes that dir when it
-was not there before). Containers get ``--network none``
+was not there before). Containers get ``--network none`` (a server is asked from inside with
+``podman exec``: no bridge, no traffic beyond the container's loopback)
 and explicit ``nofile``/``nproc`` limits no higher than this process's hard limits: without
 ``CAP_SYS_RESOURCE`` (as in the CI sandbox) podman's defaults exceed them and runc refuses to
 start the container. The runtime is runc (required): crun refuses hosts with hybrid cgroup
@@ -36,7 +40,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Iterable, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 BASE_IMAGE = "localhost/trainenv-test-base:latest"
 PATH_VALUE = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -51,7 +55,15 @@ _SKIP_FILE_SUFFIXES = (".opt-1.pyc", ".opt-2.pyc")
 # Extension modules for GUIs and CPython's own test suite: they pull in X11, Tk and more.
 _SKIP_FILE_PREFIXES = ("_tkinter", "_test", "_ctypes_test", "_xxtestfuzz", "xx")
 _SKIP_FILES = {"EXTERNALLY-MANAGED"}  # PEP 668 marker of a distro python: pip would refuse
-_TOOLS = ("sh", "rm", "chmod")  # what the Dockerfile's RUN and the entrypoint shims call
+# A shell and the everyday tools, as a slim Debian image has them: the Dockerfile's RUN and the
+# shims need sh, rm and chmod; jobs and debugging sessions use bash, sleep and the rest.
+_REQUIRED_TOOLS = ("sh", "bash", "sleep", "rm", "chmod", "cat", "env")
+_TOOLS = _REQUIRED_TOOLS + (
+    "ls", "cp", "mv", "mkdir", "rmdir", "ln", "touch", "id", "head", "tail", "tee", "wc", "sort",
+    "uniq", "cut", "tr", "date", "dirname", "basename", "readlink", "realpath", "true", "false",
+    "test", "[", "echo", "printf", "kill", "sed", "grep", "find", "xargs", "ps", "stat", "du",
+    "df", "uname", "hostname", "whoami", "nproc", "timeout", "mktemp", "seq", "tar", "gzip",
+)
 # The manylinux baseline (PEP 600): libraries a binary wheel may assume every Linux has, as
 # Debian's slim images do. psutil's wheel, for one, links libpthread.so.0 (no longer a
 # dependency of anything else since glibc 2.34).
@@ -75,9 +87,10 @@ def _limit(kind: int, wanted: int) -> str:
 
 
 class Podman:
-    """podman with all of its state (images, containers, temp files) under ``state_dir``."""
+    """podman with all of its state (images, containers, temp files) under ``state_dir``, or in
+    podman's own storage when ``state_dir`` is None."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Optional[Path]) -> None:
         self.state_dir = state_dir
         self.executable = shutil.which("podman")
         if self.executable is None:
@@ -85,9 +98,14 @@ class Podman:
         self.runtime = shutil.which("runc")
         if self.runtime is None:
             raise PodmanUnavailable("runc is not installed (apt-get install runc)")
-        for sub in ("root", "run", "tmp", "libpod-tmp"):
-            (state_dir / sub).mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ, TMPDIR=str(state_dir / "tmp"))
+        self.env = dict(os.environ)
+        self.state_args: List[str] = []
+        if state_dir is not None:
+            for sub in ("root", "run", "tmp", "libpod-tmp"):
+                (state_dir / sub).mkdir(parents=True, exist_ok=True)
+            self.env["TMPDIR"] = str(state_dir / "tmp")
+            self.state_args = ["--root", str(state_dir / "root"), "--runroot", str(state_dir / "run"),
+                               "--tmpdir", str(state_dir / "libpod-tmp")]
         self.limits = [
             "--ulimit", "nofile=" + _limit(resource.RLIMIT_NOFILE, 20000),
             "--ulimit", "nproc=" + _limit(resource.RLIMIT_NPROC, 20000),
@@ -97,9 +115,7 @@ class Podman:
         """The full podman command line for ``args``."""
         return [
             str(self.executable),
-            "--root", str(self.state_dir / "root"),
-            "--runroot", str(self.state_dir / "run"),
-            "--tmpdir", str(self.state_dir / "libpod-tmp"),
+            *self.state_args,
             "--cgroup-manager", "cgroupfs",
             "--events-backend", "file",
             "--runtime", str(self.runtime),
@@ -143,6 +159,7 @@ class Podman:
 
     def reset(self) -> None:
         """Remove every image, container and file podman made, then the state dir itself."""
+        assert self.state_dir is not None, "reset() would wipe podman's own storage"
         try:
             self("system", "reset", "--force", timeout=120, check=False)
         finally:
@@ -276,9 +293,10 @@ def _pip_sources() -> Iterator[Tuple[Path, str]]:
 def write_python_rootfs(dest: Path) -> Interpreter:
     """Write a root filesystem tarball holding this machine's python and what it needs."""
     python = Interpreter()
-    tools = [shutil.which(tool) for tool in _TOOLS]
-    if None in tools:
-        raise PodmanUnavailable(f"missing one of {_TOOLS} on this machine")
+    missing = [tool for tool in _REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        raise PodmanUnavailable(f"missing {', '.join(missing)} on this machine")
+    tools = [found for found in map(shutil.which, _TOOLS) if found]
     dynload = sorted(
         str(p) for p in Path(python.stdlib, "lib-dynload").glob("*.so") if not _skipped(p.name)
     )
@@ -354,3 +372,70 @@ def build_wheels(source: Path, dest: Path) -> List[Path]:
     if proc.returncode != 0:
         raise AssertionError(f"pip wheel exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return sorted(dest.glob("*.whl"))
+
+
+SHIMS = ("docker-entrypoint", "train", "serve")
+
+
+def build_image_offline(podman: Podman, work: Path, repo: Path, tag: str,
+                        seconds: Optional[Dict[str, float]] = None) -> None:
+    """Build ``docker/Dockerfile.cpu`` unchanged, with no registry: the base is this machine's
+    python (``write_python_rootfs``), pip installs from the wheels in the build context only.
+
+    Raises ``PodmanUnavailable`` when podman cannot import or run an image here.
+    """
+    import time
+
+    seconds = {} if seconds is None else seconds
+    start = time.monotonic()
+    python = write_python_rootfs(work / "rootfs.tar")
+    import_base_image(podman, work / "rootfs.tar", python)
+    probe = podman.run(BASE_IMAGE, "sh", "-c", "exit 0")
+    if probe.returncode != 0:
+        raise PodmanUnavailable(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
+    probe = podman.run(BASE_IMAGE, "python", "-m", "pip", "--version")
+    if probe.returncode != 0:  # an interpreter whose layout write_python_rootfs misses
+        raise PodmanUnavailable(f"this machine's python does not work as a base image: "
+                                f"{probe.stderr.strip()[-500:]}")
+    seconds["base image"] = time.monotonic() - start
+
+    start = time.monotonic()
+    context = work / "context"
+    (context / "entrypoints").mkdir(parents=True)
+    for shim in SHIMS:
+        shutil.copy2(repo / "entrypoints" / shim, context / "entrypoints" / shim)
+    # podman reads only the context's .dockerignore, BuildKit the one beside the Dockerfile:
+    # install that allowlist here so the build proves it lets through enough.
+    shutil.copy2(repo / "docker" / "Dockerfile.cpu.dockerignore", context / ".dockerignore")
+    wheels = build_wheels(repo, context / "dist")
+    assert any(w.name.startswith("trainenv-") for w in wheels), wheels
+    seconds["wheels"] = time.monotonic() - start
+
+    start = time.monotonic()
+    podman.build(context, repo / "docker" / "Dockerfile.cpu", tag,
+                 [("BASE", BASE_IMAGE), ("PIP_NO_INDEX", "true")])
+    seconds["image build"] = time.monotonic() - start
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python tests/image_support.py [TAG]``: build the CPU image offline into podman's own
+    storage (default tag ``localhost/trainenv:cpu``) and print how to run it."""
+    import tempfile
+
+    tag = argv[0] if argv else "localhost/trainenv:cpu"
+    work = Path(tempfile.mkdtemp(prefix="trainenv-image-"))
+    try:
+        podman = Podman(None)
+        build_image_offline(podman, work, Path(__file__).resolve().parent.parent, tag)
+    except PodmanUnavailable as exc:
+        print(f"cannot build the image here: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"built {tag} (base {BASE_IMAGE}); run it with:\n"
+          f"  podman run --rm {' '.join(podman.limits)} -v \"$PWD/job:/ml\" {tag} train")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """Cluster discovery: every source in the exact shape its platform writes, precedence, bad input.
 
-Platform shapes come from research/conventions.md §1.4 (PAI DLC), §3.1 (Vertex), §4.2
-(Kubeflow training-operator v1 release-1.9 and v2 Trainer) and sagemaker-training.md
+Platform shapes are those each platform writes: PAI DLC, Vertex, Kubeflow
+(training-operator v1 release-1.9 and v2 Trainer) and SageMaker's toolkit
 (resourceconfig.json). Every call goes through a read-only view of the environment, so a
 discovery that tried to write a platform value would fail every test.
 """

@@ -1,6 +1,6 @@
 """trainenv.environment: the frozen TrainingEnv snapshot built from real job trees.
 
-Covers: what the snapshot holds for the research notes' SageMaker job, immutability and the
+Covers: what the snapshot holds for the fake SageMaker job, immutability and the
 mapping protocol, the JSON round trip, loading ``TRAINENV_ENV_FILE`` instead of probing,
 local mode, "building reads and never writes", and bad cluster / cgroup / GPU input.
 """
@@ -27,7 +27,7 @@ from trainenv.frozen import FrozenRecordError, fields
 
 
 # ---------------------------------------------------------------------------------------
-# The research tree (SageMaker's fake job, research notes §3.8)
+# The fake SageMaker job (tests/data/sagemaker_research_tree)
 
 
 def test_research_tree_snapshot(research_tree):

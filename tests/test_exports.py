@@ -1,7 +1,7 @@
 """trainenv.exports: the variables and argv the entry point receives.
 
 The SageMaker name set is checked name for name against what AWS's toolkit produced for the
-research notes' fake job (tests/data); the PAI, Vertex and multi-node sets against the README;
+fake SageMaker job (tests/data); the PAI, Vertex and multi-node sets against the README;
 the size cap by exec-ing a real ``/bin/true`` with the result.
 """
 
@@ -144,7 +144,7 @@ def test_sagemaker_values_match_aws_for_the_research_tree(research_tree):
     env = build_env(research_tree)
     v = to_env_vars(env, ("sagemaker",), entry_point="train.py")
     config = research_tree / "input/config"
-    # Same text as AWS's toolkit (research notes §3.8) ...
+    # Same text as AWS's toolkit ...
     same = {
         "SM_CURRENT_HOST": "algo-1", "SM_CURRENT_INSTANCE_GROUP": "homogeneousCluster",
         "SM_CURRENT_INSTANCE_GROUP_HOSTS": '["algo-1"]', "SM_CURRENT_INSTANCE_TYPE": "ml.m5.xlarge",

@@ -1,5 +1,6 @@
 """The images: Dockerfiles lint clean, the entrypoint shims exec trainenv, and one real image
-(``docker/Dockerfile.cpu``, built offline with podman) runs a job as ``IMAGE train``.
+(``docker/Dockerfile.cpu``, built offline with podman) runs jobs as ``IMAGE train`` and through
+``entrypoints/train`` as the entrypoint, and serves through ``entrypoints/serve``.
 
 The container tests (``-m container``) skip, with the reason, when podman or runc is missing
 or podman cannot start a container here. They build a base image from this machine's python
@@ -24,18 +25,10 @@ from typing import Dict, Iterator, List, Sequence
 import pytest
 
 from fixtures_wheels import build_wheel
-from image_support import (
-    BASE_IMAGE,
-    Podman,
-    PodmanUnavailable,
-    build_wheels,
-    import_base_image,
-    write_python_rootfs,
-)
+from image_support import SHIMS, Podman, PodmanUnavailable, build_image_offline
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = {flavour: REPO / "docker" / f"Dockerfile.{flavour}" for flavour in ("cpu", "cuda")}
-SHIMS = ("docker-entrypoint", "train", "serve")
 IMAGE = "localhost/trainenv-test:cpu"
 
 
@@ -202,37 +195,10 @@ def built() -> Iterator[Built]:
         pytest.skip(str(exc))
     seconds: Dict[str, float] = {}
     try:
-        start = time.monotonic()
         try:
-            python = write_python_rootfs(work / "rootfs.tar")
-            import_base_image(podman, work / "rootfs.tar", python)
+            build_image_offline(podman, work, REPO, IMAGE, seconds)
         except PodmanUnavailable as exc:
             pytest.skip(str(exc))
-        probe = podman.run(BASE_IMAGE, "sh", "-c", "exit 0")
-        if probe.returncode != 0:
-            pytest.skip(f"podman cannot run a container here: {probe.stderr.strip()[-500:]}")
-        probe = podman.run(BASE_IMAGE, "python", "-m", "pip", "--version")
-        if probe.returncode != 0:  # an interpreter whose layout write_python_rootfs misses
-            pytest.skip(f"this machine's python does not work as a base image: "
-                        f"{probe.stderr.strip()[-500:]}")
-        seconds["base image"] = time.monotonic() - start
-
-        start = time.monotonic()
-        context = work / "context"
-        (context / "entrypoints").mkdir(parents=True)
-        for shim in SHIMS:
-            shutil.copy2(REPO / "entrypoints" / shim, context / "entrypoints" / shim)
-        # podman reads only the context's .dockerignore, BuildKit the one beside the
-        # Dockerfile: install that allowlist here so the build proves it lets through enough.
-        shutil.copy2(REPO / "docker" / "Dockerfile.cpu.dockerignore", context / ".dockerignore")
-        wheels = build_wheels(REPO, context / "dist")
-        assert any(w.name.startswith("trainenv-") for w in wheels), wheels
-        seconds["wheels"] = time.monotonic() - start
-
-        start = time.monotonic()
-        podman.build(context, DOCKERFILES["cpu"], IMAGE,
-                     [("BASE", BASE_IMAGE), ("PIP_NO_INDEX", "true")])
-        seconds["image build"] = time.monotonic() - start
         yield Built(podman)
     finally:
         podman.reset()
@@ -387,3 +353,104 @@ def test_image_runs_as_non_root(built: Built, tmp_path: Path) -> None:
     assert report["uid"] == 65534
     assert report["tinypkg"] is True
     assert (job / "output" / "model" / "model.txt").stat().st_uid == 65534
+
+
+# --- the shims as platforms call them, and the base's shell and tools ----------------------
+
+BASH_JOB = """#!/bin/bash
+# An executable entry point in bash: arrays, [[ ]], sleep, coreutils.
+set -euo pipefail
+args=("$@")
+[[ ${#args[@]} -eq 2 && ${args[0]} == --lr ]]
+sleep 0.2
+printf '%s\\n' "${args[1]}" > "$TRAINENV_MODEL_DIR/lr.txt"
+cat "$TRAINENV_CHANNEL_TRAIN/data.csv" | wc -l > "$TRAINENV_MODEL_DIR/rows.txt"
+"""
+
+INFERENCE_PY = """\
+import json, os
+
+def model_fn(model_dir):
+    with open(os.path.join(model_dir, "weights.json")) as f:
+        return json.load(f)
+
+def predict_fn(data, model):
+    return {"sum": model["w"] * sum(data)}
+"""
+
+# Runs inside the container (podman exec): polls /ping, then one prediction.
+CLIENT_PY = """\
+import json, time, urllib.request
+deadline = time.monotonic() + 30
+while True:
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8080/ping", timeout=2) as r:
+            if r.status == 200:
+                break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.1)
+req = urllib.request.Request("http://127.0.0.1:8080/invocations", data=b"[1, 2, 3]",
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=10) as r:
+    print("REPORT " + json.dumps({"status": r.status, "body": json.loads(r.read())}))
+"""
+
+
+@pytest.mark.container
+@pytest.mark.parametrize("train_py, code", [(TRAIN_PY, 0), (FAILING_TRAIN_PY, 3)])
+def test_train_shim_as_the_entrypoint(built: Built, tmp_path: Path, train_py: str,
+                                      code: int) -> None:
+    """``--entrypoint train`` (SageMaker's ``IMAGE train``, a Kubernetes ``command: [train]``)
+    runs entrypoints/train itself: hyperparameters and channel in, the job's status and model out."""
+    job = make_job(tmp_path / "ml", train_py)
+    proc = built.run(job, options=[*ENTRY, "--entrypoint", "train"])
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code == 0:
+        report = json.loads(REPORT.findall(proc.stdout)[0])
+        assert report["argv"] == ["--lr", "0.1"]
+        assert report["data"] == "x,label\n1,0\n"
+        assert report["ppid"] == 1  # the shim exec'd: trainenv is PID 1
+        assert (job / "output" / "model" / "model.txt").read_text() == "weights\n"
+    else:
+        failure = (job / "output" / "failure").read_text()
+        assert failure.startswith("UserError: "), failure
+
+
+@pytest.mark.container
+def test_base_has_bash_sleep_and_coreutils(built: Built, tmp_path: Path) -> None:
+    """An executable bash entry point that sleeps and pipes through coreutils runs in the image."""
+    job = make_job(tmp_path / "ml", TRAIN_PY)
+    script = job / "usercode" / "train-job"
+    script.write_text(BASH_JOB)
+    script.chmod(0o755)
+    proc = built.run(job, "train", options=["-e", "TRAINENV_ENTRY_POINT=train-job"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (job / "output" / "model" / "lr.txt").read_text() == "0.1\n"
+    assert (job / "output" / "model" / "rows.txt").read_text().strip() == "2"
+
+
+@pytest.mark.container
+def test_serve_shim_answers_and_drains(built: Built, tmp_path: Path) -> None:
+    """``--entrypoint serve`` runs entrypoints/serve: /ping turns 200, /invocations predicts,
+    and ``podman stop`` (SIGTERM to PID 1) ends it with status 0."""
+    base = tmp_path / "ml"
+    (base / "model" / "code").mkdir(parents=True)
+    (base / "model" / "code" / "inference.py").write_text(INFERENCE_PY)
+    (base / "model" / "weights.json").write_text('{"w": 2}')
+    name = f"trainenv-serve-{os.getpid()}"
+    podman = built.podman
+    podman("run", "-d", "--name", name, "--network", "none", *podman.limits,
+           "-v", f"{base}:/ml", "--entrypoint", "serve", IMAGE)
+    try:
+        client = podman("exec", name, "python", "-c", CLIENT_PY, timeout=60, check=False)
+        logs = podman("logs", name, check=False)
+        assert client.returncode == 0, client.stderr + logs.stdout + logs.stderr
+        report = json.loads(REPORT.findall(client.stdout)[0])
+        assert report == {"status": 200, "body": {"sum": 12}}
+        podman("stop", "--time", "20", name, timeout=60)
+        status = podman("wait", name).stdout.strip()
+    finally:
+        podman("rm", "--force", name, check=False)
+    assert status == "0"
