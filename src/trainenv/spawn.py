@@ -1,4 +1,4 @@
-"""Starting the job's process with ``os.posix_spawn``, without importing ``subprocess``.
+"""Starting the job's process with ``os.posix_spawn``, without importing ``subprocess``; reaping.
 
 The C library's ``posix_spawn`` (a vfork and exec) gives the child what
 ``subprocess.Popen(argv, env=env, cwd=cwd, process_group=0)`` would, at a fraction of the
@@ -17,6 +17,9 @@ import cost on the launch path:
 ``posix_spawn`` has no working-directory attribute: ``spawn`` changes into ``cwd`` for the
 call and back (through a descriptor of the old one, which need not have a name), so a
 relative ``argv[0]`` resolves as it would in the child.
+
+``reaped()`` collects every child that has exited, for the supervisors (the job's and the
+serving workers'): ``waitpid(-1, WNOHANG)`` until nothing is left, never blocking.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import signal
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, Mapping, Sequence
+    from typing import Any, Iterator, Mapping, Sequence
 
 RESET_SIGNALS = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
 
@@ -78,3 +81,17 @@ def _inherited_fds() -> list[int]:
         except OSError:
             continue  # the descriptor listdir itself used, closed by now
     return found
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """``(pid, wait status)`` of each child that has exited, until none is left; never blocks."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
+        if pid == 0:
+            return
+        yield pid, status

@@ -51,6 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
     _Installed = tuple[int, int, int, dict[int, Any]]
 
 from trainenv.frozen import frozen
+from trainenv.spawn import reaped, spawn
 from trainenv.streams import Stream, grow_pipe
 
 COALESCE_SECONDS = 0.002
@@ -209,16 +210,8 @@ class Supervisor:
     # -- reaping -------------------------------------------------------------------------
 
     def reap(self) -> None:
-        """``waitpid(-1, WNOHANG)`` until nothing is left; keep the main process's status."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            except InterruptedError:
-                continue
-            if pid == 0:
-                return
+        """Reap every child that exited (``spawn.reaped``); keep the main process's status."""
+        for pid, status in reaped():
             if pid == self.pid:
                 self.main_status = status
             else:
@@ -268,8 +261,6 @@ class Supervisor:
     def _spawn(self) -> None:
         if _has_children():  # only when embedded in a process with children of its own
             self.foreign = frozenset(_descendants(os.getpid()))
-        from trainenv.spawn import spawn
-
         pipes = {2: os.pipe()}
         if self.prefix:  # else the job writes to our stdout itself
             pipes[1] = os.pipe()

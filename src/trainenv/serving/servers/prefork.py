@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT
 from trainenv.serving.logsink import ServingLog
+from trainenv.spawn import reaped
 
 KILL_AFTER_GRACE_S = 5.0
 QUICK_DEATH_S = 5.0
@@ -227,13 +228,7 @@ class Supervisor:
 
     def reap(self) -> None:
         """Reap every child that exited; replace a worker that died unless stopping."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in reaped():
             entry = self.workers.pop(pid, None)
             if entry is None:
                 self.log.debug(f"reaped process {pid} (not a worker)")
