@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from support import REPO, eval_in_sh, need_tool, without_ml_dir
+from support import REPO, eval_in_sh, make_tree, need_tool, run_train, run_trainenv, without_ml_dir
 from trainenv import resources
 from trainenv.environment import TrainingEnv, build_training_env
 from trainenv.errors import EXIT_CONFIG
@@ -601,3 +601,14 @@ def test_taskset_one_cpu(run_trainenv, research_tree):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["num_cpus"] == 1
     assert data["num_cpus"] == resources.cpu_count(), "without taskset: this process's own count"
+
+
+def test_a_bad_choice_given_as_an_option_is_a_config_error_with_a_failure_file(tmp_path):
+    """As its variable would be: exit 78, one line naming the option, a failure file (not click's exit 2)."""
+    base = make_tree(tmp_path, {"train.py": "print('must not run')\n"})
+    done = run_train(base, "--entry-point", "train.py", "--distribution", "bogus")
+    assert done.returncode == 78
+    first = (base / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("ConfigError: option --distribution: 'bogus'"), first
+    served = run_trainenv("serve", "--server", "bogus", extra_env={"TRAINENV_BASE_DIR": str(tmp_path)})
+    assert served.returncode == 78 and "--server" in served.stderr

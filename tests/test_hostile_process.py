@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from support import TRAINENV, alive, job_environ, make_tree, need_pid_namespace, run_train, run_trainenv
 
 LONG_LINE = """
@@ -221,3 +223,58 @@ def test_a_secret_hyperparameter_is_scrubbed_from_errors_raised_while_planning(t
     done = run_train(base, TRAINENV_ENTRY_POINT="hf_sEcReT1234567")
     assert done.returncode == 78
     assert b"sEcReT" not in done.stderr and "sEcReT" not in (base / "output" / "failure").read_text()
+
+
+@pytest.mark.parametrize("mode, owner", [(0o777, None), (0o700, 65534)])
+def test_a_run_dir_others_can_write_or_own_is_refused(tmp_path, mode, owner):
+    """The snapshot the job reads lives in the run dir: a dir another user controls is a ConfigError."""
+    if owner is not None and os.geteuid() != 0:
+        pytest.skip("only root can create a dir owned by another user")
+    base = make_tree(tmp_path / "job", {"train.py": "print('must not run')\n"})
+    parent = tmp_path / "runs"
+    leaf = parent / "trainenv-job-node"
+    leaf.mkdir(parents=True)
+    os.chmod(parent, 0o700)
+    os.chmod(leaf, mode)
+    if owner is not None:
+        os.chown(leaf, owner, owner)
+    done = subprocess.run(
+        [*TRAINENV, "train"],
+        env=job_environ(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_RUN_DIR=str(parent), TRAINENV_CURRENT_HOST="node",
+                        TRAINENV_HOSTS='["node"]'),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 78, done.stderr
+    first = (base / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith(f"ConfigError: run dir {leaf} "), first
+    assert "must not run" not in done.stdout
+
+
+def test_a_command_too_long_for_one_argument_is_a_config_error_not_an_exec_error(tmp_path):
+    """A 200 KB ``command:`` cannot be one argv string (the kernel's 128 KiB): 78 naming where it came from."""
+    base = make_tree(tmp_path, {"trainenv.yaml": "command: 'echo " + "x" * 200_000 + "'\n"})
+    done = run_train(base, text=True)
+    assert done.returncode == 78, done.stderr
+    first = (base / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith("ConfigError: ") and "trainenv.yaml" in first and "128 KiB" in first, first
+    assert len(done.stderr) < 5000  # the command is not logged whole
+
+
+def test_a_command_job_without_a_code_dir_runs_in_a_fresh_one(tmp_path):
+    base = tmp_path / "job"
+    (base / "input" / "config").mkdir(parents=True)
+    done = run_train(base, TRAINENV_COMMAND="pwd", text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(base / "usercode")
+
+
+def test_a_command_sh_that_is_not_text_is_a_config_error_naming_it(tmp_path):
+    """Read through the config readers: bad UTF-8 (or an unreadable or huge file) is 78 naming the file."""
+    base = make_tree(tmp_path, {"train.py": ""})
+    script = base / "input" / "config" / "execution" / "command.sh"
+    script.parent.mkdir(parents=True)
+    script.write_bytes(b"echo \xff\xfe\n")
+    done = run_train(base, text=True)
+    assert done.returncode == 78, done.stderr
+    first = (base / "output" / "failure").read_text().splitlines()[0]
+    assert first.startswith(f"ConfigError: {script}: not valid UTF-8"), first

@@ -134,3 +134,30 @@ def test_dry_run_hides_secrets_unless_asked(tmp_path):
     shown = run_train(base, "--dry-run", "--show-secrets", text=True, TRAINENV_ENTRY_POINT="train.py")
     assert shown.returncode == 0, shown.stderr
     assert json.dumps(AWKWARD, ensure_ascii=False) in shown.stdout
+
+
+def test_literal_and_short_numeric_secret_values_are_masked_by_name_but_not_scrubbed_from_text():
+    """``{"use_auth": "true"}`` must not turn every ``true`` of a traceback into ``***``."""
+    secrets = secret_values({"use_auth": "true", "db_port_key": "5432", "pin_password": "12345678"})
+    assert "true" not in secrets and "5432" not in secrets and "12345678" in secrets
+    assert redact_text("ValueError: construct is true on port 5432", secrets) == "ValueError: construct is true on port 5432"
+    assert redact_data({"use_auth": "true"}, secrets) == {"use_auth": MASK}
+
+
+def test_url_credentials_never_survive_a_cut_short_value(tmp_path):
+    """``errors.shown`` cuts long values: the ``user:token@`` part must be gone before the cut."""
+    from trainenv.errors import shown
+
+    value = 'torch "mylib @ git+https://ci-bot:ghp_0123456789abcdefghijklmnopqrstuvwxyzABCDEF@github.com/org/mylib"'
+    assert "ghp_" not in shown(value) and "ci-bot" not in shown(value)
+
+
+def test_a_secret_cut_by_fitting_the_failure_file_is_still_scrubbed():
+    from trainenv.outcome import FAILURE_FILE_LIMIT, Outcome, failure_text
+
+    token = "hf_ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+    filler = "x" * 100 + "\n"
+    for shift in range(0, len(token), 7):  # the cut falls at every place inside the token
+        tail = "Traceback (most recent call last):\n" + token + "\n" + filler * ((FAILURE_FILE_LIMIT // 101) - 1) + "y" * shift
+        text = failure_text(Outcome(1, "UserError", "job failed", tail), secret_values({"HF_TOKEN": token}))
+        assert "0123456789" not in text and len(text) <= FAILURE_FILE_LIMIT

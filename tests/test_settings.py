@@ -105,7 +105,7 @@ def test_contract_settings_are_present():
         ("compat", "TRAINENV_COMPAT"),
     ]:
         assert SETTINGS_BY_NAME[name].variable == variable
-    assert SETTINGS_BY_NAME["distribution"].choices == ("none", "torchrun", "mpi")
+    assert SETTINGS_BY_NAME["distribution"].choices == ("none", "torchrun", "mpi", "accelerate", "deepspeed")
     assert LaunchSettings().compat == ("pai",) and LaunchSettings().distribution == "none"
 
 
@@ -288,3 +288,24 @@ def test_fuzz_resolve_settings(environ, file_settings):
     assert set(resolved.compat) <= {"pai", "sagemaker", "vertex"}
     assert resolved.nproc_per_node is None or 1 <= resolved.nproc_per_node <= 4096
     assert not (resolved.entry_point and resolved.command)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ('["einops==0.8.0", "numpy"]', ("einops==0.8.0", "numpy")),
+    ("einops==0.8.0 'numpy>=1'", ("einops==0.8.0", "numpy>=1")),
+])
+def test_requirements_take_a_json_list_or_words(raw, expected):
+    assert resolve_settings({}, {"TRAINENV_REQUIREMENTS": raw}, {}).requirements == expected
+
+
+@pytest.mark.parametrize("raw", ['["a", 1]', "[not json", '[["nested"]]'])
+def test_a_bad_json_list_of_requirements_names_the_variable(raw):
+    with pytest.raises(ConfigError, match="TRAINENV_REQUIREMENTS"):
+        resolve_settings({}, {"TRAINENV_REQUIREMENTS": raw}, {})
+
+
+@pytest.mark.parametrize("variable", ["TRAINENV_MAX_RUN_SECONDS", "TRAINENV_GRACE_SECONDS"])
+@pytest.mark.parametrize("raw", ["inf", "1e400", "-inf"])
+def test_durations_must_be_finite(variable, raw):
+    with pytest.raises(ConfigError, match=f"{variable}: .*finite"):
+        resolve_settings({}, {variable: raw}, {})

@@ -379,7 +379,7 @@ def test_requirements_are_installed_before_the_entry_point(tmp_path):
     assert done.stdout.decode().strip() == f"dep ok {python}"
     again = run_train(base, TRAINENV_ENTRY_POINT="train.py", TRAINENV_PYTHON=python, TRAINENV_INSTALLER="uv",
                       TMPDIR=str(marker), PYTHONPATH=str(Path(__file__).parent.parent / "src"))
-    assert again.returncode == 0 and b"skipped" in again.stderr
+    assert again.returncode == 0 and b"already installed in this container" in again.stderr
 
 
 def test_failed_install_exits_69_before_the_entry_point(tmp_path):
@@ -474,3 +474,17 @@ def test_the_launcher_ends_without_the_interpreters_tear_down_and_loses_no_outpu
     assert err.decode().rstrip().splitlines()[-1].startswith("trainenv: UserError:")  # the last line, flushed
     exited = sorted(p.name for p in hooks.glob("exit-*"))
     assert len(exited) == 1 and exited != [f"exit-{launcher.pid}"]  # the job's hook ran, the launcher's did not
+
+
+def test_a_log_reader_that_goes_away_does_not_change_the_outcome(tmp_path):
+    """``trainenv train 2>&1 | head -1``: the job succeeds, so trainenv exits 0, with no traceback."""
+    base = make_tree(tmp_path, {"train.py": "print('one'); print('two'); print('three')\n"})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will ever read trainenv's log
+    try:
+        done = subprocess.run([*TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
+                              stdout=subprocess.DEVNULL, stderr=write_end, timeout=60)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0
+    assert not (base / "output" / "failure").exists()

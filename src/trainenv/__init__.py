@@ -23,6 +23,7 @@ __all__ = [
     "TrainenvError",
     "ConfigError",
     "InstallError",
+    "SourceError",
     "__version__",
 ]
 
@@ -34,11 +35,12 @@ _LAZY = {
     "TrainenvError": "trainenv.errors",
     "ConfigError": "trainenv.errors",
     "InstallError": "trainenv.errors",
+    "SourceError": "trainenv.errors",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from trainenv.environment import ServingEnv, TrainingEnv, serving_env, training_env
-    from trainenv.errors import ConfigError, InstallError, TrainenvError
+    from trainenv.errors import ConfigError, InstallError, SourceError, TrainenvError
 
 
 def __getattr__(name: str) -> object:

@@ -38,8 +38,8 @@ def build_cli() -> Any:
             help_text = f"{setting.help} [env: {setting.variable}]"
             if "/" in setting.flag:
                 option = click.option(setting.flag, setting.name, default=None, help=help_text)
-            elif setting.choices:
-                option = click.option(setting.flag, setting.name, type=click.Choice(setting.choices), default=None, help=help_text)
+            elif setting.choices:  # checked by resolve_settings, so a bad value is a ConfigError (78) like its variable's
+                option = click.option(setting.flag, setting.name, default=None, metavar=f"[{'|'.join(setting.choices)}]", help=help_text)
             else:
                 option = click.option(setting.flag, setting.name, default=None, metavar=setting.metavar, help=help_text)
             function = option(function)
@@ -54,15 +54,24 @@ def build_cli() -> Any:
         "--show-secrets", is_flag=True, help="Print the values of secrets too (by default they are left out or shown as ***)."
     )
 
+    # The job's own arguments: ``trainenv train -- ARGS`` (after the hyperparameter arguments;
+    # an entry function's arguments by ADS's rules, trainenv.runtimes.function).
+    job_args_argument = click.argument("job_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- ARGS]")
+
     @cli.command()
     @click.option("--dry-run", is_flag=True, help="Print the launch plan (secrets redacted) and run nothing.")
     @show_secrets_option
     @setting_options
+    @job_args_argument
     def train(dry_run: bool, show_secrets: bool, **flags: Any) -> None:
         """Install requirements, then run the job's entry point under supervision.
 
         Settings come from these options, then TRAINENV_* variables, then
         input/config/trainenv.yaml (or usercode/trainenv.yaml), then defaults.
+        ARGS after -- are the job's own arguments (a container's CMD): passed to the
+        entry point after the hyperparameter arguments. An entry function gets them
+        instead of the hyperparameters, by ADS's rules (--k v is k="v", a bare --k is
+        None, the rest positional).
         """
         from trainenv.runner import run_training
 
@@ -126,6 +135,7 @@ def build_cli() -> Any:
                   help="A new or empty dir to lay the job out in [default: a fresh ./trainenv-jobs/<UTC time>-<pid>].")
     @click.option("--dry-run", is_flag=True, help="Lay out the job tree, print the launch plan, run nothing.")
     @setting_options
+    @job_args_argument
     def local(source_dir: str | None, inputs: Sequence[str], hps: Sequence[str], hps_file: str | None,
               job_dir: str | None, dry_run: bool, **flags: Any) -> None:
         """Run a job on this machine, no container needed, with the same launch sequence.
@@ -156,9 +166,9 @@ def build_cli() -> Any:
             names = " then ".join((setting.variable, *setting.fallbacks))
             default = "" if setting.default is None else f" Default: {setting.default}."
             help_text = f"{setting.help}{default} [env: {names}]"
-            kind = click.Choice(setting.choices, case_sensitive=False) if setting.choices else None
-            metavar = None if setting.choices else setting.metavar
-            function = click.option(setting.flag, setting.name, type=kind, default=None, metavar=metavar, help=help_text)(function)
+            # Choices are checked with the variables' rules, so a bad value exits 78 naming the option.
+            metavar = f"[{'|'.join(setting.choices)}]" if setting.choices else setting.metavar
+            function = click.option(setting.flag, setting.name, default=None, metavar=metavar, help=help_text)(function)
         return function
 
     @cli.command()

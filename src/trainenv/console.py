@@ -31,8 +31,11 @@ class Console:
 
     def _write(self, text: str) -> None:
         lines = redact_text(text, self.secrets).splitlines() or [""]
-        self.stream.write("".join(f"trainenv: {line}\n" for line in lines))
-        self.stream.flush()
+        try:
+            self.stream.write("".join(f"trainenv: {line}\n" for line in lines))
+            self.stream.flush()
+        except (OSError, ValueError):  # the reader went away (`| head`): the job's outcome still counts
+            pass
 
     def info(self, text: str) -> None:
         if self.level >= 1:

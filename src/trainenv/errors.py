@@ -4,6 +4,7 @@
 |-----------------|-----------------|------|
 | ``ConfigError`` | ``ConfigError`` | 78   |
 | ``InstallError``| ``InstallError``| 69   |
+| ``SourceError`` | ``SourceError`` | 69   |
 | ``InternalError``| ``InternalError``| 70  |
 | ``SignalError`` | ``Signal``      | 128+N (SIGTERM/SIGINT before the job started) |
 
@@ -19,11 +20,19 @@ EXIT_INTERNAL = 70
 EXIT_TIMEOUT = 124
 
 _MAX_SHOWN_VALUE = 80
+# The last stderr line of a runtime child (``trainenv.runtimes``) that exits 78 because the job's
+# config does not fit it: the runner reports it as trainenv's ConfigError, not as the job's status.
+CHILD_CONFIG_ERROR = "trainenv: ConfigError: "
 
 
 def shown(value: object) -> str:
-    """``repr`` of a value, cut to a readable length, for one-line error messages."""
-    text = repr(value)
+    """``repr`` of a value, cut to a readable length, for one-line error messages.
+
+    URL credentials are hidden before the cut, so no part of them survives it.
+    """
+    from trainenv.redact import redact_urls
+
+    text = redact_urls(repr(value))
     if len(text) > _MAX_SHOWN_VALUE:
         text = text[: _MAX_SHOWN_VALUE - 3] + "..."
     return text
@@ -61,6 +70,13 @@ class InstallError(TrainenvError):
     def __init__(self, message: str, tail: str = "") -> None:
         super().__init__(message)
         self.tail = tail
+
+
+class SourceError(TrainenvError):
+    """The job's code could not be fetched (``TRAINENV_SOURCE``): a bad archive, a failed clone."""
+
+    category = "SourceError"
+    exit_code = EXIT_INSTALL
 
 
 class SignalError(TrainenvError):

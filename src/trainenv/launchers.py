@@ -1,4 +1,4 @@
-"""The argv each node runs: one process (``none``), torchrun or Open MPI; pure.
+"""The argv each node runs: one process (``none``), torchrun, accelerate, deepspeed or Open MPI; pure.
 
 ``plan_launch`` is the one place where the entry point's argv and the shell are chosen, and
 where an engine's command line is built around them from the cluster trainenv discovered
@@ -19,7 +19,18 @@ Entry points (``entry_argv``):
 | ``-m pkg.mod``     | ``<python> -m pkg.mod <hyperparameter args>``      |
 | ``run.sh``         | ``/bin/sh run.sh <hyperparameter args>``           |
 | ``tool``           | ``<code dir>/tool`` or ``tool`` on PATH, ``<args>`` |
+| ``pkg.mod:func``   | ``<python> -m trainenv.runtimes.function pkg.mod:func`` (hyperparameters from the snapshot) |
+| ``file.py:func``   | ``<python> -m trainenv.runtimes.function <code dir>/file.py:func`` |
 | command string     | ``/bin/sh -c <command>`` (no args appended)        |
+| command list       | the list as is, no shell (no args appended)       |
+
+A command that starts its own launcher (``torchrun train.py``, ``accelerate launch ...``,
+``deepspeed ...``) runs that launcher with the node arguments it misses
+(``trainenv.launcher_commands``), whatever the distribution (``none`` or the same launcher;
+another one is a ``ConfigError``). ``distribution: accelerate|deepspeed`` runs
+``<python> -m accelerate.commands.launch`` / ``<python> -m deepspeed.launcher.runner`` with the
+same node arguments before the entry point's program (``--module`` for a module or function,
+``--no_python`` for anything not Python).
 
 One process per node (``distribution: none``)
 ---------------------------------------------
@@ -107,6 +118,7 @@ import sys
 
 from trainenv.errors import ConfigError
 from trainenv.frozen import FrozenDict, frozen
+from trainenv.launcher_commands import MODULES, Extended, NodeFacts, extend_argv, extend_string, node_arguments, program_argv
 from trainenv.layout import hostfile as hostfile_path
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
@@ -118,6 +130,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SHELL = "/bin/sh"
 TORCHRUN = ("-m", "torch.distributed.run")
+FUNCTION_RUNTIME = "trainenv.runtimes.function"
 MPIRUN = "mpirun"
 WAIT_FOR_MASTER = ("-m", "trainenv.nodes", "wait-for-master")  # what the other nodes of an MPI job run
 
@@ -137,10 +150,11 @@ _BINDING_OPTIONS = ("--bind-to", "-bind-to", "--map-by", "-map-by", "--rank-by",
 class EntryPoint:
     """What the job runs: its kind, the path, module or command, and where it was configured."""
 
-    kind: str  # "script", "module", "shell", "executable", "command"
+    kind: str  # "script", "module", "function", "shell", "executable", "command"
     target: str
     source: str
     given: str = ""  # the entry point as configured (``train.py``), for SageMaker's SM_USER_ENTRY_POINT
+    argv: tuple[str, ...] = ()  # a command given as a list: run as is (``target`` is its JSON)
 
 
 @frozen
@@ -152,6 +166,7 @@ class Launch:
     hostfile: str | None = None  # written by the runner before launching
     hostfile_text: str | None = None
     peers: tuple[tuple[str, int], ...] = ()  # (host, port) to wait for before launching
+    launcher: str | None = None  # torchrun, accelerate or deepspeed: the launcher the argv starts (not for mpi)
 
 
 def entry_argv(entry: EntryPoint, python: str, args: tuple[str, ...]) -> tuple[str, ...]:
@@ -160,10 +175,14 @@ def entry_argv(entry: EntryPoint, python: str, args: tuple[str, ...]) -> tuple[s
         return (python, entry.target, *args)
     if entry.kind == "module":
         return (python, "-m", entry.target, *args)
+    if entry.kind == "function":
+        return (python, "-m", FUNCTION_RUNTIME, entry.target, *args)
     if entry.kind == "shell":
         return (SHELL, entry.target, *args)
     if entry.kind == "executable":
         return (entry.target, *args)
+    if entry.argv:
+        return entry.argv
     return (SHELL, "-c", entry.target)
 
 
@@ -194,6 +213,16 @@ def plan_launch(
     ``port`` is the resolved ``MASTER_PORT``, ``directory`` this launch's run dir and
     ``exported`` the names trainenv sets in the job's environment (for ``mpirun -x``).
     """
+    facts = NodeFacts(
+        env.num_nodes, env.node_rank, nproc, env.master_host, port, env.job_name, tuple(env.hosts), hostfile_path(directory),
+        _platform(environ, "PET_NNODES"), _platform(environ, "PET_RDZV_ENDPOINT"),
+    )
+    if entry.kind == "command":
+        extended = extend_argv(entry.argv, facts) if entry.argv else extend_string(entry.target, SHELL, facts)
+        if extended is not None:
+            return _plan_launcher_command(env, settings, extended, port)
+    if settings.distribution in ("accelerate", "deepspeed"):
+        return _plan_launcher(env, settings, entry, python, args, port, facts)
     if settings.distribution == "torchrun":
         return _plan_torchrun(env, settings, entry, python, args, nproc, port, environ)
     if settings.distribution == "mpi":
@@ -202,6 +231,41 @@ def plan_launch(
     if env.num_nodes > 1 and env.node_rank is not None:
         extra = {"RANK": str(env.node_rank), "WORLD_SIZE": str(env.num_nodes), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
     return Launch(argv=entry_argv(entry, python, args), env=extra)
+
+
+def _peers(env: TrainingEnv, port: int) -> tuple[tuple[str, int], ...]:
+    """Node 0's trainenv, for the other nodes of a job whose ranks are known (``trainenv.nodes``)."""
+    if env.num_nodes > 1 and env.node_rank not in (None, 0):
+        return ((env.master_host, hub_port(port)),)
+    return ()
+
+
+def _plan_launcher_command(env: TrainingEnv, settings: LaunchSettings, extended: Extended, port: int) -> Launch:
+    """The user's own launcher command, with the node arguments it misses (``trainenv.launcher_commands``)."""
+    if settings.distribution not in ("none", extended.launcher):
+        raise ConfigError.at(
+            _distribution_source(settings), None,
+            f"{settings.distribution}: the command starts its own launcher ({extended.launcher}); "
+            f"set the distribution to none or {extended.launcher}, or run the program without the launcher",
+        )
+    return Launch(
+        argv=extended.argv, hostfile=extended.hostfile, hostfile_text=extended.hostfile_text,
+        peers=_peers(env, port), launcher=extended.launcher,
+    )
+
+
+def _plan_launcher(
+    env: TrainingEnv, settings: LaunchSettings, entry: EntryPoint, python: str, args: tuple[str, ...], port: int, facts: NodeFacts
+) -> Launch:
+    """``distribution: accelerate|deepspeed``: ``<python> -m <launcher module> <node args> <program>``."""
+    launcher = settings.distribution
+    added, text = node_arguments(launcher, {}, facts)
+    program = program_argv(launcher, entry.kind, entry_argv(entry, python, args))
+    return Launch(
+        argv=(python, "-m", MODULES[launcher], *added, *program),
+        hostfile=facts.hostfile if text is not None else None, hostfile_text=text,
+        peers=_peers(env, port), launcher=launcher,
+    )
 
 
 def _hygiene(nproc: int) -> dict[str, str]:
@@ -229,7 +293,7 @@ def _torchrun_program(entry: EntryPoint, python: str, args: tuple[str, ...]) -> 
     argv = list(entry_argv(entry, python, args))
     if entry.kind == "script":
         return argv[1:]  # torchrun runs the script with its own interpreter
-    if entry.kind == "module":
+    if entry.kind in ("module", "function"):
         return ["--module", *argv[2:]]
     return ["--no-python", *argv]
 
@@ -277,7 +341,7 @@ def _plan_torchrun(
             peers = ((env.master_host, hub_port(port)),)
     argv += ["--max-restarts", str(restarts)]
     argv += _torchrun_program(entry, python, args)
-    return Launch(argv=tuple(argv), env=_hygiene(nproc), peers=peers)
+    return Launch(argv=tuple(argv), env=_hygiene(nproc), peers=peers, launcher="torchrun")
 
 
 def _mentions(options: Sequence[str], names: Sequence[str]) -> bool:

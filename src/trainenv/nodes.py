@@ -1,7 +1,8 @@
 """Side effects between nodes: the wait for node 0, node 0's link to the others, the relay.
 
 The runner calls ``prepare_nodes(env, plan, console)`` right before the supervisor starts the
-job (after the requirements are installed): it checks that torchrun's interpreter has torch,
+job (after the requirements are installed): it checks that torchrun's interpreter has torch
+(and, for DeepSpeed on several nodes, that its launcher is new enough for ``--no_ssh``),
 waits for node 0 where the plan names peers, and on node 0 of a multi-node job opens the
 :class:`NodeLink` whose ``finish`` the runner calls with the exit status at the end. The
 argv each node runs comes from ``trainenv.launchers`` (pure).
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import socket
 import subprocess
@@ -154,6 +156,56 @@ def check_torch(python: str, env: Mapping[str, str], cwd: str, python_source: st
         raise ConfigError.at(python_source, None, f"the interpreter {shown(python)} does not start: {lines[-1]}")
 
 
+_DEEPSPEED_PROBE = (
+    "import importlib.metadata as m, sys\n"
+    "try:\n    print(m.version('deepspeed'))\nexcept m.PackageNotFoundError:\n    sys.exit(3)"
+)
+
+
+def _deepspeed_python(plan: LaunchPlan) -> str:
+    """The interpreter that runs DeepSpeed's launcher: trainenv's, or the ``deepspeed`` script's."""
+    import shutil
+
+    if plan.entry is None or plan.entry.kind != "command":
+        return plan.settings.interpreter
+    script = shutil.which("deepspeed", path=plan.env.get("PATH", os.defpath))
+    if script is None:
+        raise ConfigError.at(plan.entry.source, None, "deepspeed is not on PATH: install deepspeed in the image or in requirements.txt")
+    try:
+        with open(script, "rb") as handle:
+            words = handle.readline(4096).decode("utf-8", "replace").split() if handle.read(2) == b"#!" else []
+    except OSError:
+        words = []
+    if words and os.path.basename(words[0]) == "env":
+        words = words[1:]
+    return words[0] if words and "python" in os.path.basename(words[0]) else plan.settings.interpreter
+
+
+def check_deepspeed(plan: LaunchPlan) -> None:
+    """``ConfigError`` unless DeepSpeed's launcher has ``--no_ssh`` (every node runs its own)."""
+    from trainenv.launcher_commands import DEEPSPEED_NO_SSH
+
+    source = plan.entry.source if plan.entry is not None and plan.entry.kind == "command" else plan.settings.sources.get("distribution", "TRAINENV_DISTRIBUTION")
+    python = _deepspeed_python(plan)
+    try:
+        done = subprocess.run(
+            [python, "-c", _DEEPSPEED_PROBE], env=dict(plan.env), cwd=plan.cwd, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ConfigError.at(source, None, f"cannot run the interpreter {shown(python)}: {getattr(exc, 'strerror', None) or exc}") from None
+    version = done.stdout.decode("utf-8", "replace").strip()
+    need = f"install deepspeed>={DEEPSPEED_NO_SSH} (pip install 'deepspeed>={DEEPSPEED_NO_SSH}') in the image or in requirements.txt"
+    if done.returncode != 0 or not version:
+        raise ConfigError.at(source, None, f"deepspeed on several nodes: {python} has no DeepSpeed; {need}")
+    numbers = tuple(int(part) if part.isdigit() else 0 for part in re.split(r"[.+-]", version)[:3])
+    if numbers < tuple(int(part) for part in DEEPSPEED_NO_SSH.split(".")):
+        raise ConfigError.at(
+            source, None,
+            f"deepspeed {version} has no --no_ssh, which trainenv needs to start DeepSpeed on every node without ssh; {need}",
+        )
+
+
 def prepare_nodes(env: TrainingEnv, plan: LaunchPlan, console: Console) -> NodeLink | None:
     """The runner's step before launching: checks, the peer wait, node 0's link to the others.
 
@@ -167,6 +219,8 @@ def prepare_nodes(env: TrainingEnv, plan: LaunchPlan, console: Console) -> NodeL
             settings.sources.get("python", "TRAINENV_PYTHON") if settings.python else "the interpreter running trainenv",
             settings.sources.get("distribution", "TRAINENV_DISTRIBUTION"),
         )
+    if plan.launcher == "deepspeed" and env.num_nodes > 1:
+        check_deepspeed(plan)
     if plan.peers:
         wait_for_peers(plan.peers, settings.peer_timeout_seconds, console)
     if env.num_nodes <= 1 or env.node_rank != 0:

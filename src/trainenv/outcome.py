@@ -8,7 +8,9 @@
 | died of signal N                          | ``Signal``      | 128+N                  |
 | stopped by the time limit                 | ``Timeout``     | 124                    |
 | bad job config                            | ``ConfigError`` | 78                     |
+| a runtime child refused the config (78)   | ``ConfigError`` | 78                     |
 | requirements install failed               | ``InstallError``| 69                     |
+| the code could not be fetched (source)    | ``SourceError`` | 69                     |
 | a bug in trainenv                         | ``InternalError``| 70                    |
 
 ``output/failure`` starts with ``<Category>: <reason>``, then the last exception line of the
@@ -27,7 +29,7 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Iterable
 
-from trainenv.errors import EXIT_TIMEOUT
+from trainenv.errors import CHILD_CONFIG_ERROR, EXIT_CONFIG, EXIT_TIMEOUT
 from trainenv.files import write_atomic
 from trainenv.frozen import frozen
 from trainenv.redact import redact_text
@@ -81,6 +83,13 @@ def exception_line(stderr_tail: str) -> str | None:
     return None
 
 
+def child_config_error(stderr_tail: str) -> str | None:
+    """The reason a runtime child gave for exiting 78 (its last stderr line), if it gave one."""
+    lines = stderr_tail.rstrip("\n").rsplit("\n", 1)
+    last = lines[-1]
+    return last[len(CHILD_CONFIG_ERROR):] if last.startswith(CHILD_CONFIG_ERROR) else None
+
+
 def classify(
     *,
     what: str,
@@ -90,8 +99,13 @@ def classify(
     timed_out: bool = False,
     stopped_by: int | None = None,
     oom_killed: bool = False,
+    runtime: bool = False,
 ) -> Outcome:
-    """Turn how the main process ended into an ``Outcome``."""
+    """Turn how the main process ended into an ``Outcome``.
+
+    ``runtime``: the main process is a trainenv runtime (``trainenv.runtimes``); its exit 78
+    with a last stderr line ``errors.CHILD_CONFIG_ERROR ...`` is a ``ConfigError`` with that reason.
+    """
     if timed_out:
         return Outcome(EXIT_TIMEOUT, "Timeout", f"{what} stopped: the time limit (max_run_seconds) was reached", stderr_tail)
     if signal_number is not None:
@@ -102,6 +116,9 @@ def classify(
         return Outcome(exit_code, "Signal", f"{what} was killed by {name}{cause}", stderr_tail)
     if exit_code == 0:
         return Outcome(0, None, f"{what} succeeded")
+    refused = child_config_error(stderr_tail) if runtime and exit_code == EXIT_CONFIG else None
+    if refused:
+        return Outcome(EXIT_CONFIG, "ConfigError", refused)
     cause = f" after trainenv received {signal_name(stopped_by)}" if stopped_by else ""
     found = exception_line(stderr_tail)
     detail = f": {found}" if found else ""
@@ -109,16 +126,19 @@ def classify(
 
 
 def failure_text(outcome: Outcome, secrets: Iterable[str] = ()) -> str:
-    """The failure file's content: the first line and the traceback, fitted and redacted."""
-    first = f"{outcome.category}: {outcome.reason}"
+    """The failure file's content: the first line and the traceback, redacted, then fitted.
+
+    Redacting comes first: a secret cut in two by fitting would no longer be recognised.
+    """
+    first = redact_text(f"{outcome.category}: {outcome.reason}", secrets)
     if len(first) > FIRST_PART - 24:
         first = first[: FIRST_PART - 27] + "..."
-    body = last_traceback(outcome.tail).strip("\n")
+    body = redact_text(last_traceback(outcome.tail), secrets).strip("\n")
     room = FAILURE_FILE_LIMIT - len(first) - 2
     if len(body) > room:
-        body = "...\n" + body[-(room - 4):]
-    text = first + "\n" + (body + "\n" if body else "")
-    return redact_text(text, secrets)
+        kept = body[-(room - 4):]
+        body = "...\n" + (kept.split("\n", 1)[1] if "\n" in kept else kept)  # no half line at the cut
+    return first + "\n" + (body + "\n" if body else "")
 
 
 def remove_failure_file(path: str) -> None:

@@ -5,7 +5,8 @@
 processes per node, the master port, the compat names, the final argv (``trainenv.launchers``)
 and the child's environment. It reads the code dir to check the entry point but writes nothing
 and starts nothing. ``trainenv env`` and ``trainenv train --dry-run`` print the plan (the
-same values, redacted the same way: ``view``, ``describe``, ``shell``); the runner runs it.
+same values, redacted the same way: ``view``, ``describe``, and ``environment`` for the shell
+format); the runner runs it.
 
 The entry point is the ``entry_point`` setting, else ``command``, else PAI's ``command.sh``,
 else SageMaker's ``SAGEMAKER_PROGRAM``. The child's environment is the inherited one, plus the
@@ -37,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainenv.settings import LaunchSettings
 
 from trainenv.errors import ConfigError, shown
-from trainenv.exports import DEFAULT_MASTER_PORT, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, shell_lines, to_env_vars
+from trainenv.exports import DEFAULT_MASTER_PORT, MAX_ARG_STRLEN, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, to_env_vars
 from trainenv.frozen import fields, frozen, plain
 from trainenv.layout import JobTree, absolute_path, snapshot_file
 from trainenv.launchers import EntryPoint, Launch, plan_launch
@@ -69,6 +70,7 @@ class LaunchPlan:
     hostfile: str | None = None
     hostfile_text: str | None = None
     peers: tuple[tuple[str, int], ...] = ()
+    launcher: str | None = None  # the launcher the argv starts: torchrun, accelerate, deepspeed
     exported: tuple[str, ...] = ()  # the names trainenv sets in ``env``, in order
     omitted_args: tuple[str, ...] = ()  # hyperparameters left out of argv (too large)
     secrets: tuple[str, ...] = ()
@@ -127,6 +129,7 @@ class LaunchPlan:
             f"distribution  {data['distribution']}, {data['nproc_per_node']} per node, master port {data['master_port']}",
             f"argv          {json.dumps(data['argv'], ensure_ascii=False)}",
             f"cwd           {data['cwd']}",
+            *([f"source        {data['settings']['source']['value']} (fetched into the code dir at launch)"] if self.settings.source else []),
             f"env file      {data['env_file']}",
             f"requirements  {requirements['file'] or '(none)'}"
             + (f" + {' '.join(requirements['extra'])}" if requirements["extra"] else "")
@@ -146,14 +149,6 @@ class LaunchPlan:
                 lines.append(f"  # {name}: {_secret_kind(name)}, not shown (--show-secrets shows it)")
         return "\n".join(lines)
 
-    def shell(self, show_secrets: bool = False) -> str:
-        """``export NAME='value'`` lines (``trainenv env --format shell``), safe to ``eval``.
-
-        A value that redacting would change is never printed as if it were the value: its name
-        is left out, with a comment line saying so.
-        """
-        return shell_lines(self.environment(), self.secrets, show_secrets)
-
 
 def _secret_kind(name: str) -> str:
     return "secret" if is_secret_name(name) else "holds a secret"
@@ -165,15 +160,26 @@ _NO_ENTRY = (
 )
 
 
-def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str]) -> EntryPoint | None:
+def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str], code_fetched: bool) -> EntryPoint | None:
     if settings.entry_point:
-        return _classify(env, settings.entry_point.strip(), settings.sources.get("entry_point", "entry_point"), environ)
+        entry, source = settings.entry_point.strip(), settings.sources.get("entry_point", "entry_point")
+        try:
+            return _classify(env, entry, source, environ)
+        except ConfigError:
+            if not settings.source or code_fetched or entry.startswith("-m"):
+                raise
+            return _pending(env, entry, source)
+    if isinstance(settings.command, tuple):  # a list: exec'd as is, no shell
+        shown_list = json.dumps(settings.command, ensure_ascii=False)
+        return EntryPoint("command", shown_list, settings.sources.get("command", "command"), argv=settings.command)
     if settings.command:
         return EntryPoint("command", settings.command, settings.sources.get("command", "command"))
     command_file = JobTree(env.base_dir).command_file
     if os.path.isfile(command_file):
-        with open(command_file, encoding="utf-8", errors="replace") as handle:
-            return EntryPoint("command", handle.read(), command_file)
+        from trainenv.config import decode_text, read_bytes
+
+        data = read_bytes(command_file)  # a ConfigError naming the file when unreadable or huge
+        return EntryPoint("command", decode_text(command_file, data or b""), command_file)
     program = environ.get("SAGEMAKER_PROGRAM") or env.framework_parameters.get("sagemaker_program")
     if program:
         return _classify(env, str(program), "SAGEMAKER_PROGRAM", environ)
@@ -181,6 +187,10 @@ def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[
 
 
 def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, str]) -> EntryPoint:
+    if ":" in entry:
+        function = _classify_function(env, entry, source)
+        if function is not None:
+            return function
     if entry.startswith("-m"):
         module = entry[2:].strip()
         if not re.fullmatch(_MODULE_NAME, module):
@@ -210,6 +220,44 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
     raise ConfigError.at(source, None, f"{shown(entry)}: not found in {env.code_dir} nor on PATH")
 
 
+def _pending(env: TrainingEnv, entry: str, source: str) -> EntryPoint:
+    """An entry point in code not fetched yet (``TRAINENV_SOURCE``, before the launch): by its name alone."""
+    where, _, name = entry.rpartition(":") if ":" in entry else (entry, "", "")
+    path = absolute_path(os.path.join(env.code_dir, where))
+    if name:
+        return EntryPoint("function", f"{path}:{name}", source, entry)
+    kind = "script" if entry.endswith(".py") else "shell" if entry.endswith(".sh") else "executable"
+    return EntryPoint(kind, path, source, entry)
+
+
+def _classify_function(env: TrainingEnv, entry: str, source: str) -> EntryPoint | None:
+    """``pkg.mod:func`` or ``path/file.py:func`` (``trainenv.runtimes.function``), else None."""
+    from trainenv.runtimes.function import parse_target
+
+    target = parse_target(entry)
+    if target is None:
+        return None
+    where, name = target
+    if not where.endswith(".py"):
+        return EntryPoint("function", entry, source, entry)
+    path = absolute_path(os.path.join(env.code_dir, where))
+    if not os.path.isfile(path):
+        problem = "is a directory, expected a file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError.at(source, None, f"{shown(entry)}: {path} {problem}")
+    return EntryPoint("function", f"{path}:{name}", source, entry)
+
+
+def _workdir(env: TrainingEnv, settings: LaunchSettings, code_fetched: bool) -> str:
+    """The job's working dir: the code dir, or its ``git_entry_dir`` (checked once the code is there)."""
+    if not settings.git_entry_dir:
+        return env.code_dir
+    path = os.path.join(env.code_dir, settings.git_entry_dir)
+    if (code_fetched or not settings.source) and not os.path.isdir(path):
+        where = settings.sources.get("git_entry_dir", "git_entry_dir")
+        raise ConfigError.at(where, None, f"{shown(settings.git_entry_dir)}: {path} is not a directory")
+    return path
+
+
 def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
     """Where this launch keeps its own files (``JobTree.run_dir``): never an output channel."""
     return JobTree(env.base_dir, env.local_mode).run_dir(env.job_name, env.current_host, environ)
@@ -218,7 +266,10 @@ def run_dir(env: TrainingEnv, environ: Mapping[str, str]) -> str:
 def child_environ(
     environ: Mapping[str, str], exported: Mapping[str, str], code_dir: str, extra: Mapping[str, str]
 ) -> dict[str, str]:
-    """What the child gets: inherited env + exported names (platform values kept) + Python hygiene."""
+    """What the child gets: inherited env + exported names (platform values kept) + Python hygiene.
+
+    ``code_dir`` goes first on ``PYTHONPATH``: the code dir, or ``entry dir:code dir``.
+    """
     child = dict(environ)
     for names in (exported, extra):
         for name, value in names.items():
@@ -230,15 +281,32 @@ def child_environ(
     return child
 
 
-def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str, str], require_entry: bool = True) -> LaunchPlan:
+def build_plan(
+    env: TrainingEnv,
+    settings: LaunchSettings,
+    environ: Mapping[str, str],
+    require_entry: bool = True,
+    job_args: tuple[str, ...] = (),
+    code_fetched: bool = False,
+) -> LaunchPlan:
     """Everything ``trainenv train`` will do, as data.
 
     Without an entry point this is a ``ConfigError``, unless ``require_entry`` is false (what
-    ``trainenv env`` shows before the code is there): then ``argv`` is empty.
+    ``trainenv env`` shows before the code is there): then ``argv`` is empty. ``job_args``
+    (``trainenv train -- ARGS``) follow the hyperparameter arguments; an entry function reads
+    them instead of the hyperparameters; a command refuses them. With a ``source`` setting the code is
+    fetched at launch: until then (``code_fetched`` false: ``env``, ``--dry-run``) an entry point
+    not found in the code dir is taken by its name.
     """
-    entry = _resolve_entry(env, settings, environ)
+    entry = _resolve_entry(env, settings, environ, code_fetched)
     if entry is None and require_entry:
         raise ConfigError(_NO_ENTRY.format(command_file=JobTree(env.base_dir).command_file))
+    if job_args and (entry is None or entry.kind == "command"):
+        kind = "no entry point" if entry is None else "a command, which takes no arguments"
+        raise ConfigError(
+            f"arguments after -- ({shown(' '.join(job_args))}) go to an entry point (a script, module, executable or "
+            f"entry function), but this job has {kind}: put them in the command itself"
+        )
     python = settings.interpreter
     nproc = settings.nproc_per_node or env.platform_nproc_per_node or env.num_gpus or 1
     port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
@@ -247,8 +315,12 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     args: tuple[str, ...] = ()
     omitted_args: tuple[str, ...] = ()
     args_size = 0
-    if entry is not None and entry.kind != "command":
+    if entry is not None and entry.kind == "function":  # hyperparameters from the snapshot, or ARGS by ADS's rules
+        args = ("--", *job_args) if job_args else ()
+    elif entry is not None and entry.kind != "command":  # the hyperparameter arguments, then the job's own ARGS
         args, omitted_args, args_size = cap_args(env.user_args, room // 2)
+        args += tuple(job_args)
+    args_size += sum(arg_bytes(arg) for arg in job_args)
     exported = to_env_vars(
         env,
         settings.compat,
@@ -270,7 +342,18 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     dirs = list(env.output_dirs.values())
     if "SM_OUTPUT_DATA_DIR" in exported:  # SageMaker scripts write there without creating it
         dirs.append(exported["SM_OUTPUT_DATA_DIR"])
-    child = child_environ(environ, exported, env.code_dir, extra)
+    workdir = _workdir(env, settings, code_fetched)
+    if workdir == env.code_dir:
+        dirs.append(workdir)  # a command job may come with no code at all: it still runs in the code dir
+    paths = env.code_dir if workdir == env.code_dir else workdir + os.pathsep + env.code_dir
+    child = child_environ(environ, exported, paths, extra)
+    too_long = [arg for arg in launch.argv if len(arg.encode("utf-8", "surrogateescape")) >= MAX_ARG_STRLEN]
+    if too_long:
+        where = entry.source if entry is not None else "the command"
+        raise ConfigError(
+            f"{where}: one argument of the job is {len(too_long[0].encode('utf-8', 'surrogateescape'))} bytes, over the "
+            f"{MAX_ARG_STRLEN // 1024} KiB the kernel takes for a single argument; put long text in a file under the code dir"
+        )
     size = environ_bytes(child) + sum(arg_bytes(arg) for arg in launch.argv)
     if size > limit:
         raise ConfigError(
@@ -280,7 +363,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
     return LaunchPlan(
         argv=tuple(launch.argv),
         env=child,
-        cwd=env.code_dir,
+        cwd=workdir,
         entry=entry,
         settings=settings,
         nproc_per_node=nproc,
@@ -295,6 +378,7 @@ def build_plan(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[str,
         hostfile=launch.hostfile,
         hostfile_text=launch.hostfile_text,
         peers=launch.peers,
+        launcher=launch.launcher,
         exported=tuple(dict.fromkeys((*exported, *extra, "PYTHONPATH", "PYTHONUNBUFFERED"))),
         omitted_args=omitted_args,
         secrets=tuple(known_secrets(environ, env.hyperparameters)),

@@ -31,6 +31,8 @@ _SECRET_LAST_WORDS = frozenset({"token", "key", "apikey", "pwd", "credential", "
 _WORD_BREAK = re.compile(r"[_\-.]+|(?<=[a-z])(?=[A-Z])")
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@:]*(?::[^/\s@]*)?@")
 _MIN_SECRET_LEN = 4  # shorter values are masked by name only, never scrubbed from free text
+_MIN_NUMERIC_SECRET_LEN = 8  # likewise short numbers (a port, a count): "1234" is in too much text
+_LITERALS = frozenset({"true", "false", "null", "none"})
 # The shell's working-directory variables end in "pwd" but hold a path, and scrubbing that path
 # from every log line would hide where the job runs.
 _SHELL_PATHS = frozenset({"PWD", "OLDPWD"})
@@ -75,9 +77,17 @@ def secret_values(values: Mapping[str, str]) -> list[str]:
     """The values of secret names, in each serialized form, longest first (for ``redact_text``)."""
     found: set[str] = set()
     for name, value in values.items():
-        if is_secret_name(name) and len(value) >= _MIN_SECRET_LEN:
+        if is_secret_name(name) and _scrubbable(value):
             found.update(_forms(value))
     return sorted(found, key=len, reverse=True)
+
+
+def _scrubbable(value: str) -> bool:
+    """Whether to scrub ``value`` from free text: not a word every traceback has (``true``), not a
+    short number. Such values are still masked wherever they appear under their name."""
+    if len(value) < _MIN_SECRET_LEN or value.lower() in _LITERALS:
+        return False
+    return not (len(value) < _MIN_NUMERIC_SECRET_LEN and value.replace(".", "", 1).lstrip("-").isdigit())
 
 
 def nested_secrets(value: object, name: str = "", found: dict[str, str] | None = None) -> dict[str, str]:

@@ -2,22 +2,25 @@
 
 1. resolve the layout; remove ``output/failure`` left by an earlier run (not with ``--dry-run``);
    read ``trainenv.yaml``, resolve the launch settings;
-2. build the snapshot (``TrainingEnv``) and the plan (``LaunchPlan``) — pure;
+2. build the snapshot (``TrainingEnv``); with a ``source`` setting (not with ``--dry-run``),
+   fetch the code into the code dir (``trainenv.sources``); build the plan (``LaunchPlan``) — pure;
 3. ``--dry-run`` stops here and prints the plan: it writes nothing, not even on failure;
 4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile (an
    ``OSError`` here is a ``ConfigError`` naming the path);
 5. log a short, redacted start-up summary;
 6. install the requirements (``trainenv.install``);
-7. torchrun/mpi: check the engine, wait for the peers; on node 0 of an MPI job, wait for every
+7. an entry function run by another interpreter (``TRAINENV_PYTHON``): check that it can import
+   trainenv (``trainenv.runtimes.function``); a launcher (torchrun, accelerate, deepspeed, mpi): check the engine, wait for the peers; on node 0 of an MPI job, wait for every
    other node (``trainenv.nodes.prepare_nodes``);
 8. run the plan under the supervisor (``trainenv.supervisor``);
 9. classify the outcome, write ``output/failure`` on failure, return the exit status (node 0 of
    an MPI job also sends it, with the failure file, to the other nodes).
 
 SIGTERM or SIGINT before the job starts (steps 1-7) ends the sequence at the next step, with
-exit 128+N and a ``Signal`` failure file: a wait (for the peers) ends at once, the installer is
-stopped (``trainenv.install``), and from step 8 the supervisor owns the signals; one that
-arrives while it takes over stops the job before it is spawned.
+exit 128+N and a ``Signal`` failure file: a wait (for the peers) and a fetch end at once, the installer is
+stopped (``trainenv.install``), and from step 8 the supervisor owns the signals: one noted
+before it took over stops the launch before the job is spawned; one that arrives once its
+handlers are in place is forwarded to the job like any later one.
 
 Any ``TrainenvError`` ends the sequence with its category and exit code (78, 69, 128+N for a
 signal); anything else is an ``InternalError`` (70) whose traceback goes to the log and the
@@ -43,12 +46,18 @@ from trainenv.redact import known_secrets, secret_values
 
 
 def _human_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
     value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         value /= 1024
-    return f"{count} B"
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} TiB"
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def summary_lines(env: Any, plan: Any) -> list[str]:
@@ -59,8 +68,30 @@ def summary_lines(env: Any, plan: Any) -> list[str]:
         f"job {env.job_name} on {env.current_host} (node {env.node_rank} of {env.num_nodes}, master {env.master_host}, from {env.cluster_source})",
         f"resources: {env.num_cpus} CPUs, {_human_bytes(env.memory_bytes)} memory, GPUs: {gpus}",
         f"channels: {channels}; model dir {env.model_dir}",
-        f"entry point ({plan.entry.kind}, {plan.settings.distribution}): {' '.join(plan.argv[:3])}{' ...' if len(plan.argv) > 3 else ''}",
+        f"entry point ({plan.entry.kind}, {plan.settings.distribution}): {_cut(' '.join(plan.argv[:3]))}{' ...' if len(plan.argv) > 3 else ''}",
     ]
+
+
+def _check_private(run_dir: str) -> None:
+    """The run dir holds the snapshot (secrets, and what the job's ``training_env()`` reads): it
+    must be ours alone, and so must its parent, unless the parent is sticky (as ``/tmp`` is).
+    Another user's dir, or one others can write to, is a ``ConfigError`` naming it."""
+    import stat
+
+    me = os.geteuid()
+    for path, is_leaf in ((run_dir, True), (os.path.dirname(run_dir), False)):
+        info = os.lstat(path)
+        shared = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if stat.S_ISLNK(info.st_mode) or info.st_uid not in (me, 0) or (is_leaf and info.st_uid != me):
+            problem = f"is owned by uid {info.st_uid}, not by this user ({me})" if not stat.S_ISLNK(info.st_mode) else "is a symlink"
+        elif shared and (is_leaf or not info.st_mode & stat.S_ISVTX):
+            problem = f"can be written by other users (mode {stat.S_IMODE(info.st_mode):o})"
+        else:
+            continue
+        raise ConfigError(
+            f"run dir {path} {problem}: trainenv keeps the job's snapshot there; remove it, or set "
+            "TRAINENV_RUN_DIR to a dir of this user's"
+        )
 
 
 class PendingSignals:
@@ -163,7 +194,11 @@ class Launch:
         self.console.set_level(settings.log_level)
         env = build_training_env(self.environ, layout=self.layout, settings=file_settings, settings_source=settings_path)
         self._scrub(known_secrets(self.environ, env.hyperparameters))  # before anything can quote them
-        plan = build_plan(env, settings, self.environ)
+        if settings.source and not dry_run:  # the plan checks the entry point in the fetched code
+            self.signals.waiting(lambda: self._fetch(settings))  # a signal stops the fetch at once
+        plan = build_plan(
+            env, settings, self.environ, job_args=tuple(self.flags.get("job_args") or ()), code_fetched=bool(settings.source and not dry_run)
+        )
         self._scrub(plan.secrets)
         if dry_run:
             sys.stdout.write(plan.describe(bool(self.flags.get("show_secrets"))) + "\n")
@@ -175,11 +210,28 @@ class Launch:
         if settings.install:
             self.signals.check()
             self._install(plan)
-        if settings.distribution != "none":
+        if plan.entry is not None and plan.entry.kind == "function" and settings.python and settings.python != sys.executable:
+            from trainenv.runtimes.function import check_interpreter
+
+            check_interpreter(settings.python, plan.env, plan.cwd, settings.sources.get("python", "TRAINENV_PYTHON"))
+        if settings.distribution != "none" or plan.launcher:
             from trainenv.nodes import prepare_nodes
 
             self.nodes = self.signals.waiting(lambda: prepare_nodes(env, plan, self.console))
         return self._supervise(plan)
+
+    def _fetch(self, settings: Any) -> None:
+        """Fetch the code (``trainenv.sources``) into the code dir, replacing what was there."""
+        from trainenv.sources import fetch_source
+
+        fetch_source(
+            settings.source,
+            self.layout.code_dir,
+            where=settings.sources.get("source", "TRAINENV_SOURCE"),
+            git_ref=settings.git_ref,
+            max_bytes=settings.source_max_bytes,
+            info=self.console.info,
+        )
 
     def _scrub(self, secrets: Any) -> None:
         """From now on, these secret values are scrubbed from the log and the failure file."""
@@ -208,6 +260,7 @@ class Launch:
                 os.makedirs(path, exist_ok=True)
             path = os.path.dirname(plan.env_file)
             os.makedirs(path, mode=0o700, exist_ok=True)
+            _check_private(path)
             path = plan.env_file
             write_atomic(path, plan.snapshot_json, mode=0o600)  # the snapshot may hold secrets
             if plan.hostfile and plan.hostfile_text is not None:
@@ -231,9 +284,7 @@ class Launch:
             env=plan.env,
             installer=plan.settings.installer,
         )
-        result = install_requirements(request, self.console.info)
-        if result.installer == "skipped":
-            self.console.info("requirements already installed in this container: skipped")
+        install_requirements(request, self.console.info)  # logs its own progress, a skip included
 
     def _supervise(self, plan: Any) -> int:
         from trainenv.resources import oom_kill_counter
@@ -265,6 +316,7 @@ class Launch:
                 timed_out=result.timed_out,
                 stopped_by=result.stopped_by,
                 oom_killed=result.oom_killed,
+                runtime=plan.entry.kind == "function",
             )
         if not outcome.failed:
             self.console.info(f"{outcome.reason} in {result.seconds:.1f} s")

@@ -347,7 +347,7 @@ class Supervisor:
             time.sleep(0.01)
 
     def _drain(self) -> None:
-        """Copy what is still in the pipes; stop when they close or go quiet."""
+        """Copy what is still in the pipes, for at most 1 s: stop when they close or time is up."""
         quiet_until = time.monotonic() + 1.0
         while any(stream is not None for stream in self.watched.values()):
             if time.monotonic() > quiet_until:

@@ -45,6 +45,8 @@ def number(kind: type, minimum: float, maximum: float | None = None) -> Callable
             number = kind(str(value).strip())
         except ValueError:
             raise ValueError(f"expected {'an integer' if kind is int else 'a number'}") from None
+        if number in (float("inf"), float("-inf")):
+            raise ValueError("expected a finite number")
         if number != number or number < minimum or (maximum is not None and number > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise ValueError(f"must be {bound}")
@@ -73,9 +75,22 @@ def string_items(value: list[Any] | tuple[Any, ...]) -> tuple[str, ...]:
 
 
 def words(value: Any) -> tuple[str, ...]:
-    """A list of strings, or a string split like a shell would (``"a==1 'b>2'"``)."""
+    """A list of strings: a YAML list, a JSON list (``'["a==1", "b>2"]'``), or a string split like
+    a shell would (``"a==1 'b>2'"``)."""
     if isinstance(value, (list, tuple)):
         return string_items(value)
+    if text(value).lstrip().startswith("["):
+        import json
+
+        try:
+            items = json.loads(text(value))
+        except ValueError as exc:
+            raise ValueError(f"not a JSON list: {exc}") from None
+        if not isinstance(items, list):
+            raise ValueError("expected a JSON list of strings")
+        if any(not isinstance(item, str) for item in items):
+            raise ValueError("expected a JSON list of strings")
+        return tuple(items)
     import shlex  # deferred: most launches have no word list to split
 
     try:

@@ -29,7 +29,36 @@ def _compat(value: Any) -> tuple[str, ...]:
     return parse_compat(_text(value), source="compat")
 
 
-DISTRIBUTIONS = ("none", "torchrun", "mpi")
+def _command(value: Any) -> str | tuple[str, ...]:
+    """A shell command string, or an argv run as is: a YAML list or a JSON list of strings."""
+    if isinstance(value, (list, tuple)):
+        argv = string_items(value)
+    elif not _text(value).lstrip().startswith("["):
+        return _text(value)
+    else:
+        import json  # deferred: most commands are strings
+
+        try:
+            items = json.loads(_text(value))
+        except ValueError as exc:
+            raise ValueError(f"starts with '[' but is not a JSON list: {exc}") from None
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError("starts with '[' but is not a JSON list of strings")
+        argv = tuple(items)
+    if not argv or not argv[0]:
+        raise ValueError("an argv list needs a program as its first item")
+    return argv
+
+
+def _relative_dir(value: Any) -> str:
+    """A sub-dir of the code dir: relative, without ``..``."""
+    path = _text(value).strip().rstrip("/")
+    if not path or path.startswith("/") or ".." in path.split("/"):
+        raise ValueError("expected a sub-dir of the code dir: a relative path without '..'")
+    return path
+
+
+DISTRIBUTIONS = ("none", "torchrun", "mpi", "accelerate", "deepspeed")
 RDZV_BACKENDS = ("static", "c10d")
 INSTALLERS = ("auto", "uv", "pip")
 LOG_LEVELS = ("quiet", "info", "debug")
@@ -39,11 +68,14 @@ CLUSTER_KEYS = ("hosts", "current_host")
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("entry_point", "--entry-point", "TRAINENV_ENTRY_POINT", _text, None,
-            "What to run: train.py, '-m pkg.mod', run.sh, or an executable in the code dir or on PATH; hyperparameters are appended as arguments.", "ENTRY"),
-    Setting("command", "--command", "TRAINENV_COMMAND", _text, None,
-            "A shell command run by /bin/sh -c in the code dir (PAI style); hyperparameters are not appended.", "CMD"),
+            "What to run: train.py, '-m pkg.mod', run.sh, or an executable in the code dir or on PATH (hyperparameters are appended as arguments); "
+            "or an entry function, pkg.mod:func or file.py:func, called with the hyperparameters as keyword arguments.", "ENTRY"),
+    Setting("command", "--command", "TRAINENV_COMMAND", _command, None,
+            "A shell command run by /bin/sh -c in the code dir (PAI style), or a JSON list (a YAML list in trainenv.yaml) exec'd as is, no shell; "
+            "hyperparameters are not appended.", "CMD"),
     Setting("distribution", "--distribution", "TRAINENV_DISTRIBUTION", _choice(DISTRIBUTIONS), "none",
-            "none: one process per node; torchrun: python -m torch.distributed.run on every node; mpi: mpirun from node 0.", "KIND", DISTRIBUTIONS),
+            "none: one process per node; torchrun: python -m torch.distributed.run on every node; mpi: mpirun from node 0; "
+            "accelerate, deepspeed: that launcher on every node.", "KIND", DISTRIBUTIONS),
     Setting("nproc_per_node", "--nproc-per-node", "TRAINENV_NPROC_PER_NODE", _number(int, 1, 4096), None,
             "Processes per node (torchrun, mpi). Default: the platform's value, else GPUs on this node, else 1.", "N"),
     Setting("max_run_seconds", "--max-run-seconds", "TRAINENV_MAX_RUN_SECONDS", _number(float, 0.001), None,
@@ -72,6 +104,15 @@ SETTINGS: tuple[Setting, ...] = (
             "mpi: the remote shell Open MPI starts its daemons with (plm_rsh_agent).", "CMD"),
     Setting("mpi_options", "--mpi-options", "TRAINENV_MPI_OPTIONS", _words, (),
             "mpi: extra mpirun arguments (binding, interface flags), split like a shell would.", "ARGS"),
+    Setting("source", "--source", "TRAINENV_SOURCE", _text, None,
+            "Where the code comes from when it is not already in the code dir: an archive (.tar.gz, .tgz, .tar, .zip) or a git URL "
+            "(https://, ssh://, git@, file://); fetched into the code dir, replacing its contents, before requirements are installed.", "SOURCE"),
+    Setting("git_ref", "--git-ref", "TRAINENV_GIT_REF", _text, None,
+            "The branch, tag or commit of a git source (default: its default branch).", "REF"),
+    Setting("git_entry_dir", "--git-entry-dir", "TRAINENV_GIT_ENTRY_DIR", _relative_dir, None,
+            "A sub-dir of the code dir to run from: the job's working dir, first on PYTHONPATH (the entry point is still named from the code dir).", "DIR"),
+    Setting("source_max_bytes", "--source-max-bytes", "TRAINENV_SOURCE_MAX_BYTES", _number(int, 1), 10 * 1024**3,
+            "An archive source is refused when its contents would take more than this many bytes.", "BYTES"),
     Setting("installer", "--installer", "TRAINENV_INSTALLER", _choice(INSTALLERS), "auto",
             "What installs the requirements: auto (uv if found, else pip), uv or pip.", "TOOL", INSTALLERS),
     # Read before trainenv.yaml is (it governs the log of reading it): no file key.
@@ -93,7 +134,7 @@ class LaunchSettings:
     """The resolved launch settings, and where each came from (for --dry-run and errors)."""
 
     entry_point: str | None = None
-    command: str | None = None
+    command: str | tuple[str, ...] | None = None  # a tuple: an argv run without a shell
     distribution: str = "none"
     nproc_per_node: int | None = None
     max_run_seconds: float | None = None
@@ -109,6 +150,10 @@ class LaunchSettings:
     peer_timeout_seconds: float = 600.0
     mpi_rsh_agent: str = "ssh"
     mpi_options: tuple[str, ...] = ()
+    source: str | None = None
+    git_ref: str | None = None
+    git_entry_dir: str | None = None
+    source_max_bytes: int = 10 * 1024**3
     installer: str = "auto"
     log_level: str = "info"
     run_dir: str | None = None
