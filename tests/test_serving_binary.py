@@ -199,6 +199,9 @@ HOSTILE = {
     "BYTES: too few elements": (None, _request({**S, "parameters": {"binary_data_size": 5}}), "holds 1 element(s), the shape needs 2"),
     "BYTES: element past the tensor": (None, _request(S), "element 1 runs past the tensor"),
     "BYTES: cut length prefix": (None, _request({**S, "parameters": {"binary_data_size": 7}}), "element 1 runs past the tensor"),
+    "zero dimension, ten million empty lists": (
+        None, _request({**F32, "shape": [10000000, 0], "parameters": {"binary_data_size": 0}}), "nested lists"
+    ),
 }
 _TAILS = {
     "size not the element count x 4": bytes(6),
@@ -209,6 +212,7 @@ _TAILS = {
     "BYTES: too few elements": struct.pack("<I", 1) + b"a",
     "BYTES: element past the tensor": struct.pack("<I", 1) + b"a" + struct.pack("<I", 100),
     "BYTES: cut length prefix": struct.pack("<I", 1) + b"a" + b"\x01\x00",
+    "zero dimension, ten million empty lists": b"",
 }
 
 

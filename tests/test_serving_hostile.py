@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import time
 
 import pytest
@@ -23,6 +24,9 @@ def model_fn(model_dir):
 
 
 def predict_fn(data, model):
+    if data == "cat-error":
+        from trainenv.serving import HTTPError
+        raise HTTPError(422, "no", headers={"X-Label": "\u732b"})
     if data == "exit":
         sys.exit(3)
     if data == "interrupt":
@@ -33,6 +37,11 @@ def predict_fn(data, model):
 def output_fn(prediction, accept):
     if prediction == "exit-in-output":
         raise SystemExit("bye")
+    if prediction == "cat-header":
+        from trainenv.serving import Response
+        return Response("{}", headers={"X-Label": "\u732b"})
+    if prediction == "cat-type":
+        return "{}", "text/\u732b"
     return json.dumps(prediction), accept
 
 
@@ -125,3 +134,58 @@ def test_a_client_silent_mid_body_is_one_warning_and_no_500(server):
     assert not [l for l in server.lines[before:] if '" 500 ' in l], new
     assert len([l for l in server.lines[before:] if "silent-1" in l]) == 1, new
     assert server.post(b"[1]")[0] == 200
+
+
+# -- KServe v2 shapes that cost more than their size -------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [[10000000, 0], [1000, 1000, 1000, 0], [100000, 100000, 0]])
+def test_a_v2_shape_with_a_zero_dimension_and_millions_of_lists_is_a_quick_400(server, shape):
+    body = json.dumps({"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}).encode()
+    started = time.monotonic()
+    status, headers, answer = server.post(body, path="/v2/models/model/infer")
+    assert status == 400, (status, answer)
+    assert headers["Content-Type"] == "application/json"
+    assert "nested lists" in json.loads(answer)["error"], answer
+    assert time.monotonic() - started < 2.0
+    small = json.dumps({"inputs": [{"name": "x", "shape": [3, 0], "datatype": "FP32", "data": []}]}).encode()
+    assert server.post(small, path="/v2/models/model/infer")[0] == 200
+
+
+# -- header values HTTP/1.1 cannot carry ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, header", [(b'"cat-header"', "X-Label"), (b'"cat-error"', "X-Label"), (b'"cat-type"', "Content-Type")])
+def test_a_header_value_that_is_not_latin1_is_a_500_naming_it_with_an_error_line(server, body, header):
+    status, headers, answer = server.post(body)
+    assert status == 500, (status, answer, server.log)
+    assert headers["Content-Type"] == "application/json"
+    assert f"header '{header}'" in error_of(answer)["message"] and "not latin-1" in error_of(answer)["message"]
+    deadline = time.monotonic() + 5
+    while not any(" ERROR " in line and "not latin-1" in line for line in server.lines):
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.02)
+    assert server.post(b"[1]")[:3:2] == (200, b"[1]")
+
+
+# The app refuses such headers itself; a server whose app let one through (simulated by undoing
+# that check) must still answer 500 and log it, not drop the connection without a word.
+_UNCHECKED_HEADERS = [
+    sys.executable, "-c",
+    "import runpy, trainenv.serving.app as app; app.user_headers = lambda hs: [(str(k), str(v)) for k, v in hs]; "
+    "runpy.run_module('trainenv.serving', run_name='__main__', alter_sys=True)",
+]
+
+
+def test_a_head_the_server_cannot_encode_is_a_500_and_an_error_line(tmp_path):
+    srv = Server(make_base(tmp_path, HANDLER), {"TRAINENV_SERVER": "stdlib"}, argv=_UNCHECKED_HEADERS)
+    try:
+        srv.wait_ready()
+        status, headers, answer = srv.post(b'"cat-header"')
+        assert status == 500, (status, answer, srv.log)
+        assert headers["Content-Type"] == "application/json" and headers["Connection"] == "close"
+        assert "could not be sent" in json.loads(answer)["message"]
+        assert srv.wait_for(r" ERROR cannot send the answer 200: .*latin-1", 5)
+        assert srv.post(b"[1]")[:3:2] == (200, b"[1]")
+    finally:
+        assert srv.stop() == 0, srv.log

@@ -31,6 +31,9 @@ def model_fn(model_dir):
         raise RuntimeError("no weights here")
     if os.environ.get("TEST_CRASH_LOAD"):  # a native library that takes the process down
         os.kill(os.getpid(), 9)
+    if os.environ.get("TEST_CRASH_LATE"):  # the same, after loading for a while
+        time.sleep(float(os.environ["TEST_CRASH_LATE"]))
+        os.kill(os.getpid(), 9)
     try:
         os.close(os.open(shared / "first", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:  # not the first worker: wait for the test's go-ahead
@@ -47,14 +50,16 @@ def predict_fn(data, model):
 """
 
 
-def start(tmp_path: Path, workers: int = 2, release: bool = True, **extra: str) -> tuple[Server, Path]:
+def start(
+    tmp_path: Path, workers: int = 2, release: bool = True, argv=None, **extra: str
+) -> tuple[Server, Path]:
     shared = tmp_path / "shared"
     shared.mkdir()
     if release:
         (shared / "release").touch()
     env = {"TRAINENV_SERVING_WORKERS": str(workers), "TRAINENV_SERVING_THREADS": "16", "TEST_DIR": str(shared)}
     env.update(extra)
-    return Server(make_base(tmp_path / "base", HANDLER), env), shared
+    return Server(make_base(tmp_path / "base", HANDLER), env, argv=argv), shared
 
 
 def pid_of(srv: Server) -> int:
@@ -273,3 +278,54 @@ def test_workers_that_keep_dying_before_loading_stop_the_server_with_78(tmp_path
     assert srv.wait_exit(30) == 78, srv.log
     assert "the 5th worker in a row to die before loading it; stopping" in srv.log
     assert srv.log.count("died of SIGKILL (perhaps out of memory?); requests it held failed; starting a new worker") >= 4
+
+
+# The supervisor once counted a death only within 5 s of the start (QUICK_DEATH_S): a model that
+# died later restarted forever. Shrinking that window (harmless since it is gone) stands in for a
+# model that loads for minutes, so the test takes a second, not half a minute.
+_NO_QUICK_WINDOW = [
+    sys.executable, "-c",
+    "import runpy; import trainenv.serving.servers.prefork as p; p.QUICK_DEATH_S = 0.0; "
+    "runpy.run_module('trainenv.serving', run_name='__main__', alter_sys=True)",
+]
+
+
+def test_workers_that_keep_dying_late_in_loading_stop_the_server_with_78(tmp_path):
+    srv, _ = start(tmp_path, argv=_NO_QUICK_WINDOW, TEST_CRASH_LATE="0.3")
+    assert srv.wait_exit(15) == 78, srv.log
+    assert "the 5th worker in a row to die before loading it; stopping" in srv.log
+
+
+def test_sigterm_to_the_whole_process_group_still_drains(tmp_path):
+    """systemd's KillMode=control-group, ``kill -TERM -PGID``, ``tini -g``: each worker gets the
+    group's SIGTERM and the supervisor's; the second must not cut its drain short."""
+    srv, shared = start(tmp_path)
+    try:
+        srv.wait_ready()
+        threads, results = hold_on_every_worker(srv, shared, seconds=1.5)
+        os.killpg(os.getpgid(srv.proc.pid), signal.SIGTERM)
+        for thread in threads:
+            thread.join(15)
+    finally:
+        code = srv.wait_exit(15)
+    assert code == 0, srv.log
+    assert results and all(isinstance(r, int) for r in results.values()), (results, srv.log)
+    assert "not waiting any longer" not in srv.log and "still running" not in srv.log, srv.log
+    assert srv.log.count("stopped: all requests finished") == 2, srv.log
+
+
+def test_a_second_sigterm_to_the_supervisor_cuts_the_drain_short(tmp_path):
+    srv, shared = start(tmp_path)
+    try:
+        srv.wait_ready()
+        threads, results = hold_on_every_worker(srv, shared, seconds=5)
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: "SIGTERM: stopping 2 workers" in srv.log, 5, "the first SIGTERM handled")
+        srv.proc.send_signal(signal.SIGTERM)
+        code = srv.wait_exit(4)
+    finally:
+        for thread in threads:
+            thread.join(15)
+    assert code == 0, srv.log
+    assert "SIGTERM again: workers stop waiting" in srv.log
+    assert srv.log.count("SIGQUIT again: not waiting any longer") == 2, srv.log

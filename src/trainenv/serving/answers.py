@@ -43,14 +43,32 @@ def clean(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
 
 
+class BadHeader(ValueError):
+    """A hook's header value that HTTP/1.1 cannot carry (not latin-1); ``answer`` names it."""
+
+    def __init__(self, name: str, value: str) -> None:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        self.answer = (
+            f"the handler answered header {name!r} with value {shown!r}, which is not latin-1 "
+            "(HTTP headers cannot carry it; percent-encode it or move it to the body)"
+        )
+        super().__init__(self.answer)
+
+
 def user_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Headers from a hook's ``Response``/``HTTPError``: valid names only, one-line values, no
-    hop-by-hop or framing headers (the server owns those)."""
-    return [
-        (str(name), clean(value))
-        for name, value in headers
-        if _TOKEN.match(str(name)) and str(name).lower() not in _HOP_BY_HOP
-    ]
+    """Headers from a hook's ``Response``/``HTTPError`` (and its content type): valid names only,
+    one-line values, no hop-by-hop or framing headers (the server owns those); ``BadHeader`` for a
+    value that is not latin-1."""
+    out = []
+    for name, value in headers:
+        name, value = str(name), clean(value)
+        if _TOKEN.match(name) and name.lower() not in _HOP_BY_HOP:
+            try:
+                value.encode("latin-1")
+            except UnicodeEncodeError:
+                raise BadHeader(name, value) from None
+            out.append((name, value))
+    return out
 
 
 def error_answer(

@@ -61,7 +61,6 @@ from trainenv.serving import batching, codecs
 from trainenv.serving.answers import (
     JSON_CT,
     Result,
-    clean,
     error_answer,
     request_context,
     shown_path,
@@ -177,7 +176,7 @@ class ServingApp:
                 _format_exc(),
             )
             status, headers, body = self._error(
-                500, "internal error in trainenv serving; see the server log", request_id
+                500, getattr(exc, "answer", "internal error in trainenv serving; see the server log"), request_id
             )
         headers.append(("Content-Length", str(len(body))))
         headers.append(("X-Request-Id", request_id))
@@ -375,7 +374,7 @@ class ServingApp:
             detail = "".join(traceback.format_exception(type(exc.error), exc.error, exc.error.__traceback__))
             self.log.error(f"request {request_id} failed: {exc}", detail)
             return self._error(500, f"{exc} (request id {request_id})", request_id, v2)
-        headers = [("Content-Type", clean(content_type))]
+        headers = user_headers([("Content-Type", content_type)])
         headers.extend(user_headers(extra))
         return status, headers, body
 

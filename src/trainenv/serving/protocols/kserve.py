@@ -45,6 +45,7 @@ _INT_TYPES = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "
 _FLOAT_TYPES = {"FP16", "FP32", "FP64", "BF16"}
 DATATYPES = _INT_TYPES | _FLOAT_TYPES | {"BOOL", "BYTES"}
 _MAX_DIMS = 32
+_MAX_EMPTY_LISTS = 65536  # lists a shape with a zero dimension may still make _reshape build
 _DIGITS = re.compile(r"[0-9]+\Z")
 
 
@@ -78,6 +79,23 @@ def _reshape(flat: Sequence[Any], shape: Sequence[int]) -> Any:
         return list(flat)
     step = len(flat) // shape[0] if shape[0] else 0
     return [_reshape(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _check_lists(shape: Sequence[int], count: int, where: str) -> None:
+    """``BadRequest`` when ``_reshape`` would build far more lists than there are elements: a zero
+    dimension makes the element count 0, yet ``[10000000, 0]`` would still build 10 million lists."""
+    lists = 0
+    leading = 1
+    for dim in shape[:-1]:
+        leading *= dim
+        lists += leading
+        if not leading:
+            break
+    if lists > _MAX_DIMS * count + _MAX_EMPTY_LISTS:
+        raise BadRequest(
+            f"{where}: shape {shape} holds {count} elements in {lists} nested lists; "
+            f"at most {_MAX_EMPTY_LISTS} lists may hold no element"
+        )
 
 
 def _check_scalar(value: Any, datatype: str) -> bool:
@@ -137,6 +155,7 @@ def _parse_input(index: int, spec: Any, tail: _Tail) -> tuple[str, Any]:
     count = 1
     for dim in shape:
         count *= dim
+    _check_lists(shape, count, where)
     if parameters and "binary_data_size" in parameters:
         if "data" in spec:
             raise BadRequest(f'{where} has both "data" and binary_data_size')

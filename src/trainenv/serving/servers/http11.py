@@ -24,6 +24,8 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, BinaryIO, Iterator
 
+    from trainenv.serving.logsink import ServingLog
+
 from trainenv.serving.api import HTTPError, reason_phrase, status_code_name
 
 MAX_LINE = 8190
@@ -333,6 +335,21 @@ def head(
         out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     return b"".join(out)
+
+
+def answer_head(
+    log: ServingLog, status_text: str, headers: list[tuple[str, str]], payload: bytes, no_body: bool, close: bool, http10: bool
+) -> tuple[bytes, bytes, bool]:
+    """``head()``, then the payload to send (empty when ``no_body``) and whether to close; when the
+    head cannot be built (a header that is not latin-1 or holds a line break: a bug, since the app
+    cleans every header), an ERROR log line and a JSON 500 in its place, never a silent drop."""
+    try:
+        return head(status_text, headers, len(payload), no_body, close, http10), b"" if no_body else payload, close
+    except (ValueError, UnicodeError) as exc:
+        log.error(f"cannot send the answer {status_text[:3]}: {exc}; answered 500 instead")
+    body = b'{"error":"internal_server_error","message":"the answer\'s headers could not be sent; see the server log"}'
+    start = head("500 Internal Server Error", [("Content-Type", "application/json")], len(body), False, True, http10)
+    return start, b"" if no_body else body, True
 
 
 def no_write(data: bytes) -> None:

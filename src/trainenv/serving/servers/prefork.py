@@ -23,13 +23,16 @@ table full.
 |---|---|
 | a worker dies (any signal or exit status, not stopping) | logged (SIGKILL: "perhaps out of memory?"), replaced at once; only the requests it held fail |
 | a worker exits 78 (its model failed to load) or 124 (start-up timeout) | stops the others, exits with that code |
-| a worker keeps dying before it has loaded (5 times in a row, each within 5 s: ``model_fn`` crashes the process) | stops the others, exits 78 |
+| a worker keeps dying before it has loaded (5 times in a row, however long each had loaded: ``model_fn`` crashes the process) | stops the others, exits 78 |
 | SIGTERM or SIGINT | SIGTERM to every worker: each stops accepting and drains its requests in flight for up to ``grace_s``; exit 0 after the last one |
-| a second SIGTERM/SIGINT | SIGTERM again: workers stop waiting for their requests |
+| a second SIGTERM/SIGINT | SIGQUIT to every worker: they stop waiting for their requests |
 | ``grace_s`` + 5 s after the stop | SIGKILL to the workers still running |
 
 Workers ignore SIGINT (a Ctrl-C reaches the whole process group; the supervisor passes it on as
-one SIGTERM) and stop by themselves when the supervisor is gone.
+one SIGTERM) and stop by themselves when the supervisor is gone. A SIGTERM to the whole group
+(systemd's KillMode=control-group, ``kill -TERM -PGID``, ``tini -g``) reaches a worker twice, its
+own and the supervisor's: a worker's second SIGTERM changes nothing, only SIGQUIT (as in
+gunicorn) cuts its drain short.
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from trainenv.serving.logsink import ServingLog
 from trainenv.spawn import reaped
 
 KILL_AFTER_GRACE_S = 5.0
-QUICK_DEATH_S = 5.0
 QUICK_DEATHS_MAX = 5
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 
@@ -152,7 +154,7 @@ class Supervisor:
             )
             self.stop(0)
             return
-        self._kill_all(signal.SIGTERM)
+        self._kill_all(signal.SIGQUIT)
 
     def stop(self, exit_code: int) -> None:
         """Stop every worker (SIGTERM, SIGKILL after the grace) and exit with ``exit_code`` after the last."""
@@ -204,6 +206,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in _HANDLED:
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # until stdlib.run handles it: cut short, never a core dump
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         os.close(self.wake_r)
         _stop_when_orphaned(os.getppid())
@@ -223,7 +226,8 @@ class Supervisor:
 
         return stdlib.run(
             self.env, self.sock, new_app, self.log,
-            accept_early=accept_early, on_loaded=on_loaded, signals=(signal.SIGTERM,),
+            accept_early=accept_early, on_loaded=on_loaded, signals=(signal.SIGTERM, signal.SIGQUIT),
+            cut=(signal.SIGQUIT,),
         )
 
     def reap(self) -> None:
@@ -246,7 +250,7 @@ class Supervisor:
             self.stop(code)
             return
         guess = " (perhaps out of memory?)" if code == -signal.SIGKILL else ""
-        if time.monotonic() - started < QUICK_DEATH_S and not self.loaded[self.size + slot]:
+        if not self.loaded[self.size + slot]:  # however long it had been loading
             self.quick_deaths[slot] += 1
         else:
             self.quick_deaths[slot] = 0

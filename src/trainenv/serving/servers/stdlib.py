@@ -55,6 +55,7 @@ from trainenv.serving.servers.http11 import (
     MAX_LINE,
     FixedBody,
     Reject,
+    answer_head,
     head,
     no_write,
     parse_request,
@@ -350,10 +351,8 @@ class StdlibServer:
 
         code = status_text[:3]
         no_body = head_only or code in ("204", "304") or code.startswith("1")
-        start = head(status_text, headers, len(payload), no_body, must_close, http10)
-        if no_body:
-            sock.sendall(start)
-        elif len(payload) <= SINGLE_WRITE_LIMIT:
+        start, payload, must_close = answer_head(self.log, status_text, headers, payload, no_body, must_close, http10)
+        if len(payload) <= SINGLE_WRITE_LIMIT:
             sock.sendall(start + payload)
         else:
             sock.sendall(start)
@@ -415,18 +414,15 @@ class _Signals:
 
 
 def run(
-    env: ServingEnv,
-    sock: socket.socket,
-    new_app: Callable[[ServingLog], ServingApp],
-    log: ServingLog,
-    *,
+    env: ServingEnv, sock: socket.socket, new_app: Callable[[ServingLog], ServingApp], log: ServingLog, *,
     accept_early: bool = True,
     on_loaded: Callable[[ServingApp], None] | None = None,
-    signals: tuple[int, ...] = _STOP_SIGNALS,
+    signals: tuple[int, ...] = _STOP_SIGNALS, cut: tuple[int, ...] | None = None,
 ) -> int:
     """Serve ``new_app(log)`` on ``sock`` until SIGTERM/SIGINT; the exit code (see the module docstring).
     A worker of ``servers.prefork`` also passes ``accept_early=False`` when it replaces one (it
-    accepts once its model is loaded), ``on_loaded`` (tell the supervisor), ``signals=(SIGTERM,)``."""
+    accepts once its model is loaded), ``on_loaded`` (tell the supervisor), ``signals=(SIGTERM, SIGQUIT)``
+    and ``cut=(SIGQUIT,)``: only those cut a drain short (default: any of ``signals``)."""
     events: queue.SimpleQueue[Any] = queue.SimpleQueue()
     with _Signals(events, signals):
         app = new_app(log)
@@ -472,10 +468,11 @@ def run(
                 log.error(f"{event[1]}; exiting", getattr(event[1], "detail", ""))
                 return EXIT_CONFIG
             elif event[0] == "signal":
-                return _drain(env, server, app, events, event[1], log)
+                return _drain(env, server, app, events, event[1], log, cut or signals)
 
 
-def _drain(env: ServingEnv, server: StdlibServer, app: ServingApp, events: queue.SimpleQueue[Any], signum: int, log: ServingLog) -> int:
+def _drain(env: ServingEnv, server: StdlibServer, app: ServingApp, events: queue.SimpleQueue[Any], signum: int,
+           log: ServingLog, cut_by: tuple[int, ...]) -> int:
     log.info(f"{signal.Signals(signum).name}: stopping; {server.busy} requests in flight get up to {env.grace_s:g} s to finish")
     app.set_draining()
     server.stop_accepting()
@@ -488,7 +485,7 @@ def _drain(env: ServingEnv, server: StdlibServer, app: ServingApp, events: queue
             event = events.get_nowait()
         except queue.Empty:
             continue
-        if event[0] == "signal":
+        if event[0] == "signal" and event[1] in cut_by:  # not a worker's duplicate SIGTERM (from killpg)
             log.info(f"{signal.Signals(event[1]).name} again: not waiting any longer")
             break
     if cut:
