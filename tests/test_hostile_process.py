@@ -278,3 +278,42 @@ def test_a_command_sh_that_is_not_text_is_a_config_error_naming_it(tmp_path):
     assert done.returncode == 78, done.stderr
     first = (base / "output" / "failure").read_text().splitlines()[0]
     assert first.startswith(f"ConfigError: {script}: not valid UTF-8"), first
+
+
+def test_an_interactive_job_reads_the_terminal_instead_of_stopping(tmp_path):
+    """Under a terminal (``trainenv local`` on a laptop) the job gets the foreground: ``input()`` works.
+
+    Without it the job, in a process group of its own, is stopped by SIGTTIN at its first read.
+    """
+    import fcntl
+    import pty
+    import select
+    import termios
+
+    base = make_tree(tmp_path, {"train.py": "name = input()\nprint('hello', name)\n"})
+    leader, follower = pty.openpty()
+
+    def own_the_terminal() -> None:  # as a login shell would: a session whose terminal is the pty
+        os.setsid()
+        fcntl.ioctl(follower, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [*TRAINENV, "train"], env=job_environ(base, TRAINENV_ENTRY_POINT="train.py"),
+        stdin=follower, stdout=follower, stderr=subprocess.DEVNULL, preexec_fn=own_the_terminal,
+    )
+    os.close(follower)
+    seen = b""
+    try:
+        os.write(leader, b"ada\n")  # typed ahead: the terminal keeps it until the job reads
+        deadline = time.monotonic() + 30
+        while b"hello ada" not in seen and time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:  # the job and trainenv closed the terminal
+                    break
+        assert b"hello ada" in seen, seen
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(leader)

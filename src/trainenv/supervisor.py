@@ -31,7 +31,10 @@ grace, if shorter), then ``SIGKILL``, so nothing the job started outlives it.
 
 **Exit status:** the main process's own, or 128+N when it died of signal N (shell
 convention); 127/126 when it could not be executed. The job sees no trace of the
-supervisor: default signal dispositions, the plan's environment, its own session.
+supervisor: default signal dispositions, the plan's environment, its own session. When trainenv
+owns a terminal (stdin a tty, its group in the foreground), the job's group gets the terminal,
+so ``input()`` and ``pdb`` work and Ctrl-C reaches the job as it would without trainenv; trainenv
+takes the terminal back when the job is over.
 """
 
 from __future__ import annotations
@@ -280,8 +283,26 @@ class Supervisor:
             self.streams[target] = stream
             self._watch(fd, stream)
 
+    def _hand_over_terminal(self) -> bool:
+        """Give the terminal to the job's group when it is ours (stdin a tty, our group in front).
+
+        The job then reads the terminal (``input()``, ``pdb``) instead of stopping on SIGTTIN,
+        as when it runs on its own; Ctrl-C reaches it directly. A read it tried before it got
+        the terminal left it stopped: SIGCONT resumes it.
+        """
+        try:
+            if self.pid is None or not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
+                return False
+        except OSError:
+            return False
+        if not _set_foreground(self.pid):
+            return False
+        self._signal_job(signal.SIGCONT)
+        return True
+
     def run(self) -> RunResult:
         started = time.monotonic()
+        terminal = False
         installed = self._install_signals()
         self._watch(installed[0], None)
         oom_before = self.oom_count()
@@ -292,6 +313,7 @@ class Supervisor:
             except OSError as exc:
                 code = 127 if exc.errno == errno.ENOENT else 126
                 return RunResult(code, None, False, None, False, "", 0.0, exec_error=f"cannot execute {self.argv[0]!r}: {exc.strerror}")
+            terminal = self._hand_over_terminal()
             if self.max_run_seconds:
                 self.deadline = started + self.max_run_seconds
             while self.main_status is None:
@@ -307,6 +329,8 @@ class Supervisor:
             self._end_leftovers()
             self._drain()
         finally:
+            if terminal:
+                _set_foreground(os.getpgrp())
             self.poller.unregister(installed[0])
             del self.watched[installed[0]]
             self._restore_signals(installed)  # closes the wakeup pipe
@@ -377,6 +401,18 @@ def _has_children() -> bool:
         return False
     except (AttributeError, OSError):  # no waitid: assume there may be
         return True
+
+
+def _set_foreground(group: int) -> bool:
+    """Make ``group`` the terminal's foreground group (SIGTTOU ignored meanwhile, as a shell does)."""
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        os.tcsetpgrp(0, group)
+        return True
+    except OSError:
+        return False
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
 
 
 def _descendants(root: int) -> dict[int, int]:
