@@ -132,28 +132,15 @@ def wait_for_peers(peers: Sequence[tuple[str, int]], timeout: float, console: Co
             time.sleep(pause)
 
 
-_TORCH_PROBE = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('torch') else 3)"
-
-
 def check_torch(python: str, env: Mapping[str, str], cwd: str, python_source: str, source: str) -> None:
     """``ConfigError`` unless ``python`` can import torch (found, not imported: ~20 ms)."""
-    try:
-        done = subprocess.run(
-            [python, "-c", _TORCH_PROBE], env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError.at(python_source, None, f"cannot run the interpreter {shown(python)}: {problem}") from None
-    if done.returncode == 3:
-        raise ConfigError.at(
-            source, None,
-            f"torchrun needs torch, but {python} cannot import it; install torch in the image (pip install torch) "
-            "or in requirements.txt, or set TRAINENV_PYTHON to an interpreter that has it",
-        )
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {done.returncode}"]
-        raise ConfigError.at(python_source, None, f"the interpreter {shown(python)} does not start: {lines[-1]}")
+    from trainenv.interpreter import require_module
+
+    require_module(
+        python, "torch", env, cwd, python_source=python_source, source=source,
+        missing=f"torchrun needs torch, but {python} cannot import it; install torch in the image (pip install torch) "
+        "or in requirements.txt, or set TRAINENV_PYTHON to an interpreter that has it",
+    )
 
 
 _DEEPSPEED_PROBE = (

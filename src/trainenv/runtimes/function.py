@@ -138,34 +138,19 @@ def check_call(func: Callable[..., Any], label: str, args: list[Any], kwargs: Ma
         raise ConfigError.at(source, None, f"{label}(): {exc}") from None
 
 
-_TRAINENV_PROBE = "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('trainenv') else 3)"
-
-
 def check_interpreter(python: str, env: Mapping[str, str], cwd: str, source: str) -> None:
     """``ConfigError`` unless the job's interpreter can import trainenv, which runs the function.
 
     The runner calls it before launching, only when ``TRAINENV_PYTHON`` names another
     interpreter than trainenv's own (~20 ms: the package is found, not imported).
     """
-    import subprocess
+    from trainenv.interpreter import require_module
 
-    try:
-        done = subprocess.run(
-            [python, "-c", _TRAINENV_PROBE], env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        problem = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError.at(source, None, f"cannot run the interpreter {python!r}: {problem}") from None
-    if done.returncode == 3:
-        raise ConfigError.at(
-            source, None,
-            f"an entry function runs in trainenv's runtime, but {python} cannot import trainenv; "
-            "install trainenv in that environment, or leave TRAINENV_PYTHON unset",
-        )
-    if done.returncode != 0:
-        lines = done.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {done.returncode}"]
-        raise ConfigError.at(source, None, f"the interpreter {python!r} does not start: {lines[-1]}")
+    require_module(
+        python, "trainenv", env, cwd, python_source=source, source=source,
+        missing=f"an entry function runs in trainenv's runtime, but {python} cannot import trainenv; "
+        "install trainenv in that environment, or leave TRAINENV_PYTHON unset",
+    )
 
 
 def main(argv: list[str]) -> int:
