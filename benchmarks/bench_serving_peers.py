@@ -12,6 +12,13 @@ for trainenv 4 handler threads per process; uvicorn with uvloop + httptools):
 | ``trainenv-Np`` | the same with ``TRAINENV_SERVING_WORKERS=N`` (pre-forked workers on one socket) |
 | ``trainenv-gunicorn-Nw`` | ``TRAINENV_SERVER=gunicorn``, N workers (only with ``--gunicorn``) |
 | ``uvicorn-1w`` / ``uvicorn-Nw`` | ``uvicorn app:app --workers 1`` / ``N`` (FastAPI, ``async def``, ``await request.json()``) |
+| ``kserve-1w`` / ``kserve-Nw`` | KServe's ``ModelServer(workers=1 / N)`` with a ``kserve.Model`` (only with ``--kserve``) |
+| ``trainenv-1p-v2`` / ``trainenv-Np-v2`` | the trainenv servers above, on the KServe v2 route (only with ``--kserve``) |
+
+With ``--kserve``, KServe's ModelServer and trainenv are compared on ``POST
+/v2/models/model/infer`` with the same v2 JSON request (one ``FP32`` input of shape ``[1, 3]``);
+KServe runs from its own venv under ``benchmarks/.cache/kserve`` (``pip install kserve``, built on
+first use).
 
 Method: every server is started once and stays up. For each concurrency (16 and 64 keep-alive
 connections), each server gets a 2 s warm-up, then ``--rounds`` rounds of ``wrk -t1 -c C -d S``;
@@ -56,6 +63,32 @@ import _bench  # noqa: E402
 BODY = "[[5.1, 3.5, 1.4]]"
 ANSWER = [3.175]
 PEER_DIR = _bench.CACHE / "fastapi-uvicorn"
+KSERVE_DIR = _bench.CACHE / "kserve"
+V2_PATH = "/v2/models/model/infer"
+V2_BODY = '{"id":"1","inputs":[{"name":"x","shape":[1,3],"datatype":"FP32","data":[5.1,3.5,1.4]}]}'
+KSERVE_APP = """
+import sys
+from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+from linear import predict
+
+
+class Linear(Model):
+    def __init__(self):
+        super().__init__("model")
+        self.ready = True
+
+    def predict(self, payload: InferRequest, headers=None, response_headers=None):
+        tensor = payload.inputs[0]
+        width = tensor.shape[-1]
+        flat = list(tensor.data)
+        out = predict([flat[i:i + width] for i in range(0, len(flat), width)])
+        output = InferOutput(name="output0", shape=[len(out)], datatype="FP64", data=out)
+        return InferResponse(model_name=self.name, response_id=payload.id or "0", infer_outputs=[output])
+
+
+if __name__ == "__main__":
+    ModelServer(http_port=int(sys.argv[1]), workers=int(sys.argv[2]), enable_grpc=False).start([Linear()])
+"""
 MODEL = """
 WEIGHTS, BIAS = (0.5, -0.25, 1.0), 0.1
 
@@ -95,23 +128,28 @@ function done(summary, latency, requests)
     summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout,
     latency:percentile(50), latency:percentile(99)))
 end
-""" % BODY
+"""
+
+
+def venv_python(where: Path, packages: List[str]) -> str:
+    """The interpreter of a peer's own venv under ``where``; built on first use."""
+    venv = where / "venv"
+    python = venv / "bin" / "python"
+    if not (where / "ok").exists():
+        shutil.rmtree(where, ignore_errors=True)
+        where.mkdir(parents=True)
+        _bench.log(f"building a peer venv ({', '.join(packages)}) in {venv} (once) ...")
+        base = _bench.base_interpreter(_bench.trainenv_python(None))
+        for step in ([base, "-m", "venv", str(venv)],
+                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages]):
+            subprocess.run(step, check=True, env=_bench.base_env(), timeout=900)
+        (where / "ok").write_text("ok\n")
+    return str(python)
 
 
 def peer_python() -> str:
-    """The FastAPI + uvicorn venv's interpreter; built on first use."""
-    venv = PEER_DIR / "venv"
-    python = venv / "bin" / "python"
-    if not (PEER_DIR / "ok").exists():
-        shutil.rmtree(PEER_DIR, ignore_errors=True)
-        PEER_DIR.mkdir(parents=True)
-        _bench.log(f"building the peer venv (fastapi, uvicorn[standard]) in {venv} (once) ...")
-        base = _bench.base_interpreter(_bench.trainenv_python(None))
-        for step in ([base, "-m", "venv", str(venv)],
-                     [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "fastapi", "uvicorn[standard]"]):
-            subprocess.run(step, check=True, env=_bench.base_env(), timeout=900)
-        (PEER_DIR / "ok").write_text("ok\n")
-    return str(python)
+    """The FastAPI + uvicorn venv's interpreter."""
+    return venv_python(PEER_DIR, ["fastapi", "uvicorn[standard]"])
 
 
 def free_port() -> int:
@@ -123,21 +161,28 @@ def free_port() -> int:
 class Running:
     """One server, started once; its process tree's CPU and RSS from /proc."""
 
-    def __init__(self, name: str, argv: List[str], env: Dict[str, str], cwd: Path, port: int) -> None:
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+    def __init__(self, name: str, argv: List[str], env: Dict[str, str], cwd: Path, port: int,
+                 path: str = "/invocations", body: str = BODY, of: "Running | None" = None) -> None:
+        self.name, self.port, self.path, self.body = name, port, path, body
+        self.script: Path = Path()
+        self.proc = of.proc if of is not None else subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.peak_rss = 0
+
+    def answer_ok(self, answer: Any) -> bool:
+        if self.path == V2_PATH:
+            return isinstance(answer, dict) and answer.get("outputs", [{}])[0].get("data") == ANSWER
+        return bool(answer == ANSWER)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}/invocations"
+        url = f"http://127.0.0.1:{self.port}{self.path}"
         while time.monotonic() < deadline:
             try:
-                request = urllib.request.Request(url, BODY.encode(), {"Content-Type": "application/json"})
+                request = urllib.request.Request(url, self.body.encode(), {"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=2) as response:
                     answer = json.loads(response.read())
-                if answer != ANSWER:
+                if not self.answer_ok(answer):
                     raise SystemExit(f"{self.name} answered {answer}, expected {ANSWER}")
                 return
             except OSError:
@@ -192,7 +237,7 @@ class Running:
                 self.proc.wait(5)
 
 
-def load(server: Running, script: Path, connections: int, seconds: float) -> Dict[str, Any]:
+def load(server: Running, connections: int, seconds: float) -> Dict[str, Any]:
     """One wrk run against ``server``, with its CPU per request and peak RSS."""
     done = threading.Event()
     peak = [0.0]
@@ -205,8 +250,8 @@ def load(server: Running, script: Path, connections: int, seconds: float) -> Dic
     sampler.start()
     cpu = server.cpu_seconds()
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "2s", "-s", str(script),
-         f"http://127.0.0.1:{server.port}/invocations"],
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "2s", "-s", str(server.script),
+         f"http://127.0.0.1:{server.port}{server.path}"],
         capture_output=True, text=True, timeout=seconds + 30, check=True,
     ).stdout
     cpu = server.cpu_seconds() - cpu
@@ -227,6 +272,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--gunicorn", action="store_true", help="also trainenv on gunicorn workers")
+    parser.add_argument("--kserve", action="store_true", help="also KServe's ModelServer, on the v2 route")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 s")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
@@ -242,8 +288,11 @@ def main() -> int:
     code = work / "ml" / "model" / "code"
     code.mkdir(parents=True)
     (code / "inference.py").write_text(textwrap.dedent(HANDLER))
-    script = work / "post.lua"
-    script.write_text(WRK_SCRIPT)
+    (work / "kserve_app.py").write_text(textwrap.dedent(KSERVE_APP))
+    scripts = {}
+    for path, body in (("/invocations", BODY), (V2_PATH, V2_BODY)):
+        scripts[path] = work / f"post{len(scripts)}.lua"
+        scripts[path].write_text(WRK_SCRIPT % body)
 
     def trainenv(name: str, **extra: str) -> Running:
         port = free_port()
@@ -256,17 +305,30 @@ def main() -> int:
         argv = [peer, "-m", "uvicorn", "app:app", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
         return Running(name, argv, _bench.base_env(PYTHONPATH=str(work)), work, port)
 
+    def kserve(name: str, workers: int) -> Running:
+        port = free_port()
+        argv = [kserve_python, str(work / "kserve_app.py"), str(port), str(workers)]
+        return Running(name, argv, _bench.base_env(PYTHONPATH=str(work)), work, port, V2_PATH, V2_BODY)
+
     servers = [
         trainenv("trainenv-1p", TRAINENV_SERVING_WORKERS="1"),
         trainenv(f"trainenv-{n}p", TRAINENV_SERVING_WORKERS=str(n)),
         uvicorn("uvicorn-1w", 1),
         uvicorn(f"uvicorn-{n}w", n),
     ]
+    if args.kserve:
+        kserve_python = venv_python(KSERVE_DIR, ["kserve"])
+        servers += [Running(f"{s.name}-v2", [], {}, work, s.port, V2_PATH, V2_BODY, of=s) for s in servers[:2]]
+        servers += [kserve("kserve-1w", 1), kserve(f"kserve-{n}w", n)]
     if args.gunicorn:
         servers.append(trainenv(f"trainenv-gunicorn-{n}w", TRAINENV_SERVER="gunicorn", TRAINENV_SERVING_WORKERS=str(n)))
     pairs = [("trainenv-1p", "uvicorn-1w"), (f"trainenv-{n}p", f"uvicorn-{n}w")]
     if args.gunicorn:
         pairs.append((f"trainenv-gunicorn-{n}w", f"uvicorn-{n}w"))
+    if args.kserve:
+        pairs += [("trainenv-1p-v2", "kserve-1w"), (f"trainenv-{n}p-v2", f"kserve-{n}w")]
+    for server in servers:
+        server.script = scripts[server.path]
     runs: Dict[str, Dict[int, List[Dict[str, Any]]]] = {s.name: {c: [] for c in args.concurrency} for s in servers}
     rng = random.Random(args.seed)
     try:
@@ -274,17 +336,19 @@ def main() -> int:
             server.wait_ready()
         for c in args.concurrency:
             for server in servers:
-                load(server, script, c, 2.0)  # warm-up
+                load(server, c, 2.0)  # warm-up
             for round_ in range(args.rounds):
                 order = servers[:]
                 rng.shuffle(order)
                 for server in order:
-                    result = load(server, script, c, args.seconds)
+                    result = load(server, c, args.seconds)
                     runs[server.name][c].append(result)
                     _bench.log(f"c={c} round {round_ + 1}: {server.name:24} {result['rps']:8.0f} req/s "
                                f"p99 {result['p99_ms']:.1f} ms, {result['cpu_us']:.0f} us CPU/req")
     finally:
         for server in servers:
+            if server.name.endswith("-v2"):
+                continue  # the same process as its /invocations twin
             server.stop()
         shutil.rmtree(work, ignore_errors=True)
 

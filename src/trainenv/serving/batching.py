@@ -1,6 +1,6 @@
 """Adaptive batching of ``/invocations`` (opt-in: ``TRAINENV_SERVING_MAX_BATCH_SIZE`` > 1).
 
-Each request runs in its own connection thread, in three steps:
+Each request runs in its own request thread, in three steps:
 
 1. its own ``input_fn`` (or the default decoder), in a handler slot of the app's pool;
 2. ``Batcher.predict``: it joins the open batch and waits, **holding no handler slot**;

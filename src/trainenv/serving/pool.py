@@ -1,10 +1,10 @@
 """Bounded handler concurrency with a deadline per call: the source of 503 and 504.
 
 ``InlineRunner(threads, max_queue).run(fn, args, deadline, on_timeout)`` runs ``fn(*args)`` in
-the calling (connection) thread and returns its result or raises what it raised, or:
+the calling (request) thread and returns its result or raises what it raised, or:
 
-* ``Saturated`` at once when ``threads`` calls run and ``max_queue`` more wait (the app answers
-  503 with ``Retry-After``);
+* ``Saturated`` at once when ``threads`` calls run and ``max_queue`` more wait, here or, unparsed,
+  in the server (``backlog()``) (the app answers 503 with ``Retry-After``);
 * ``DeadlineExceeded`` when ``deadline`` (a ``time.monotonic()`` value) passes
   while the call waits for a slot: it is never started (504);
 * ``AlreadyAnswered`` when the deadline passed while the call ran (504, see below).
@@ -89,6 +89,8 @@ class InlineRunner:
         self._running: dict[int, _Ticket] = {}
         self._next_wake = float("inf")
         self._stopped = False
+        # Requests the server holds for a free thread count as queued (servers.dispatch).
+        self.backlog: Callable[[], int] = lambda: 0
         self._watchdog = threading.Thread(target=self._watch, name=name, daemon=True)
         self._watchdog.start()
 
@@ -106,7 +108,7 @@ class InlineRunner:
         ticket = _Ticket(deadline, on_timeout)
         key = id(ticket)
         with self._lock:
-            if self._admitted >= self.capacity:
+            if self._admitted + self.backlog() >= self.capacity:
                 raise Saturated()
             self._admitted += 1
             if self._busy >= self.threads or self._waiters:

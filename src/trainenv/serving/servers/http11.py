@@ -22,7 +22,7 @@ import time
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Any, BinaryIO, Iterator
+    from typing import Any, BinaryIO, Callable, Iterator
 
     from trainenv.serving.logsink import ServingLog
 
@@ -48,16 +48,16 @@ class Reject(Exception):
 class Continue:
     """Sends ``100 Continue`` once, the first time the app reads the body."""
 
-    __slots__ = ("sock", "pending")
+    __slots__ = ("send", "pending")
 
-    def __init__(self, sock: socket.socket, pending: bool) -> None:
-        self.sock = sock
+    def __init__(self, send: Callable[[bytes], None], pending: bool) -> None:
+        self.send = send
         self.pending = pending
 
     def __call__(self) -> None:
         if self.pending:
             self.pending = False
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.send(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 class FixedBody:
@@ -212,7 +212,7 @@ def environ_key(name: bytes) -> str | None:
 
 
 def parse_request(
-    base_environ: dict[str, Any], sock: socket.socket, rfile: BinaryIO, line: bytes, remote: str
+    base_environ: dict[str, Any], send: Callable[[bytes], None], rfile: Any, line: bytes, remote: str
 ) -> tuple[dict[str, Any], FixedBody | ChunkedBody, bool, bool]:
     """Read the headers after request ``line``: ``(environ, body, keep-alive, HTTP/1.0)``; ``Reject`` if malformed."""
     if len(line) > MAX_LINE:
@@ -282,7 +282,7 @@ def parse_request(
     expect = environ.get("HTTP_EXPECT")
     if expect is not None and expect.lower() != "100-continue":
         raise Reject(417, f"Expect: {expect} is not supported")
-    expect_continue = Continue(sock, expect is not None and not http10)
+    expect_continue = Continue(send, expect is not None and not http10)
     transfer = environ.get("HTTP_TRANSFER_ENCODING")
     body: Any
     if transfer is not None:
@@ -354,4 +354,5 @@ def answer_head(
 
 def no_write(data: bytes) -> None:
     raise RuntimeError("the WSGI write() callable is not supported; return an iterable")
+
 

@@ -5,6 +5,9 @@ Used when the stdlib server runs with ``workers`` > 1 (``serve --workers N``,
 and imported the handler module; this process forks N workers that inherit both. Each worker is
 one stdlib server (``trainenv.serving.servers.stdlib.run``) on the shared socket: the kernel
 hands each new connection to one of them, and a worker's death loses no queued connection. Each
+worker publishes its number of open connections in shared memory, and one with more than another
+waits briefly before its next ``accept`` (``servers.dispatch.Balance``), so a burst of new
+connections spreads evenly. Each
 worker builds its own app and runs ``model_fn`` itself, after the fork.
 
 **Readiness.** One byte per worker slot in anonymous shared memory: a worker sets its slot's
@@ -56,6 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.errors import EXIT_CONFIG, EXIT_INTERNAL, EXIT_TIMEOUT
 from trainenv.serving.logsink import ServingLog
+from trainenv.serving.servers.dispatch import Balance
 from trainenv.spawn import reaped
 
 KILL_AFTER_GRACE_S = 5.0
@@ -82,6 +86,8 @@ class Supervisor:
         # Shared with the workers: byte i is 1 once slot i has ever loaded (the readiness gate),
         # byte size+i is 1 once the current worker of slot i has loaded.
         self.loaded = mmap.mmap(-1, 2 * self.size)
+        # Each worker's open connections, so a burst of new ones spreads evenly (stdlib's Balance).
+        self.connections = memoryview(mmap.mmap(-1, 4 * self.size)).cast("i")
         self.workers: dict[int, tuple[int, float]] = {}  # pid -> (slot, started at)
         self.quick_deaths = [0] * self.size
         self.events: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -180,6 +186,7 @@ class Supervisor:
         never loaded yet (then ``/ping`` is 503 anyway and it answers at once, like the others)."""
         accept_early = not self.all_loaded
         self.loaded[self.size + slot] = 0
+        self.connections[slot] = Balance.NOT_ACCEPTING
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child; measured by the tests' real processes
             code = EXIT_INTERNAL
@@ -227,7 +234,7 @@ class Supervisor:
         return stdlib.run(
             self.env, self.sock, new_app, self.log,
             accept_early=accept_early, on_loaded=on_loaded, signals=(signal.SIGTERM, signal.SIGQUIT),
-            cut=(signal.SIGQUIT,),
+            cut=(signal.SIGQUIT,), balance=Balance(self.connections, slot),
         )
 
     def reap(self) -> None:
