@@ -7,6 +7,8 @@ Usage::
     trainenv env --format shell         # the plan's variables as `export K='v'` lines (no secrets)
     trainenv local --source-dir examples/quickstart --entry-point train.py \\
         --input train=examples/quickstart/data --hp epochs=20
+    trainenv local --image localhost/trainenv:cpu --source-dir examples/quickstart \\
+        --entry-point train.py --input train=examples/quickstart/data --nodes 2
     trainenv serve                      # the serving ENTRYPOINT
 
 ``trainenv train`` with no options is what an image's ENTRYPOINT runs on every job start,
@@ -133,31 +135,69 @@ def build_cli() -> Any:
     @click.option("--hps-file", type=click.Path(dir_okay=False), help="A JSON file of hyperparameters (--hp wins).")
     @click.option("--job-dir", type=click.Path(file_okay=False),
                   help="A new or empty dir to lay the job out in [default: a fresh ./trainenv-jobs/<UTC time>-<pid>].")
-    @click.option("--dry-run", is_flag=True, help="Lay out the job tree, print the launch plan, run nothing.")
+    @click.option("--env", "env_pairs", multiple=True, metavar="NAME=VALUE", help="A variable for the job; repeatable.")
+    @click.option("--image", metavar="IMAGE",
+                  help="Run the job in this image with docker or podman (the first that answers; "
+                       "TRAINENV_CONTAINER_ENGINE to choose), the job dir mounted at /ml.")
+    @click.option("--nodes", metavar="N", help="With --image: run N nodes, one container each (hosts algo-1..N).")
+    @click.option("--network", "network_mode", metavar="[bridge|shared|loopback]",
+                  help="With --image: bridge (default: a network of the run's own when N > 1), shared "
+                       "(all nodes in one network namespace, algo-1..N on 127.0.0.1) or loopback "
+                       "(shared, with no outside network).")
+    @click.option("--gpus", metavar="all|N", help="With --image: pass all GPUs, or N to each node.")
+    @click.option("--dry-run", is_flag=True,
+                  help="Lay out the job tree, print the launch plan (with --image: the engine command lines), run nothing.")
     @setting_options
     @job_args_argument
     def local(source_dir: str | None, inputs: Sequence[str], hps: Sequence[str], hps_file: str | None,
-              job_dir: str | None, dry_run: bool, **flags: Any) -> None:
-        """Run a job on this machine, no container needed, with the same launch sequence.
+              job_dir: str | None, env_pairs: Sequence[str], image: str | None, nodes: str | None,
+              network_mode: str | None, gpus: str | None, dry_run: bool, **flags: Any) -> None:
+        """Run a job on this machine, as a platform would: in-process, or in an image (--image).
 
-        Each run gets a job dir of its own (its path is printed): two runs never share a file.
-        Every option of `trainenv train` works here too.
+        Each run gets a job dir of its own (its path is printed): two runs never share a file;
+        the job runs in a copy of the source dir, which is never written to. Every option of
+        `trainenv train` works here too, and reaches the container with --image (as its
+        TRAINENV_* variable), as does every --env. With --image, the output dir is kept on the
+        host, and Ctrl-C or SIGTERM stops and removes every container and network of the run.
         """
         from pathlib import Path
 
-        from trainenv.local.job import hyperparameters_from, lay_out_job, parse_pairs, run_job
+        from trainenv.local.job import check_inputs, hyperparameters_from, lay_out_job, parse_pairs, run_job
 
+        say = lambda line: click.echo(f"trainenv: {line}", err=True)  # noqa: E731
         try:
+            env = parse_pairs(env_pairs, "NAME", "--env")
+            input_pairs = parse_pairs(inputs, "CHANNEL", "--input")
+            hyperparameters = hyperparameters_from(hps_file, parse_pairs(hps, "NAME", "--hp"))
+            if image is None:
+                for name, given in (("--nodes", nodes), ("--network", network_mode), ("--gpus", gpus)):
+                    if given is not None:
+                        raise ConfigError.at(name, None, f"{given!r}: needs --image")
+            else:
+                from trainenv.local.containers import check_image
+                from trainenv.local.image import check_options
+
+                options = check_options(nodes, network_mode, gpus)
+                check_inputs(input_pairs)  # before the engine is asked anything
+                engine, has_entrypoint = check_image(image, os.environ, dry_run, say)
             layout = lay_out_job(
                 Path(job_dir) if job_dir else None,
                 Path(source_dir) if source_dir else None,
-                parse_pairs(inputs, "CHANNEL", "--input"),
-                hyperparameters_from(hps_file, parse_pairs(hps, "NAME", "--hp")),
+                input_pairs,
+                hyperparameters,
             )
+            if image is not None:
+                from trainenv.local.containers import run_image_job
+
+                job_args = flags.pop("job_args", ())
+                options.update(flags=flags, env=env, job_args=job_args)
+                sys.exit(run_image_job(engine, layout, image, has_entrypoint, options, dry_run, say))
         except ConfigError as exc:
-            click.echo(f"trainenv: ConfigError: {exc}", err=True)
+            from trainenv.redact import redact_text
+
+            click.echo(f"trainenv: ConfigError: {redact_text(str(exc))}", err=True)
             sys.exit(exc.exit_code)
-        sys.exit(run_job(layout, flags, dry_run, say=lambda line: click.echo(f"trainenv: {line}", err=True)))
+        sys.exit(run_job(layout, flags, dry_run, environ=dict(os.environ, **dict(env)), say=say))
 
     def serving_options(function: Any) -> Any:
         from trainenv.settings.serving import SERVING

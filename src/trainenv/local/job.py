@@ -8,7 +8,8 @@ gets, as a platform lays it out:
 - ``usercode``: a copy of ``--source-dir`` (links kept as links; an empty dir without one), so
   the job may write next to its code and the source dir is never written to;
 - ``input/data/<channel>`` → a symlink to each ``--input channel=PATH`` dir (a file input gets a
-  real channel dir holding a symlink to the file); inputs are linked, never copied;
+  real channel dir holding a symlink to the file, and ``PAI_INPUT_<CHANNEL>`` names that file,
+  as PAI's local job sets it); inputs are linked, never copied;
 - ``input/config/hyperparameters.json`` from ``--hps-file`` and ``--hp name=value``, every value
   written as a string, as PAI and SageMaker write them;
 - ``run/``: trainenv's own files for the run (``TRAINENV_RUN_DIR``).
@@ -69,15 +70,7 @@ def lay_out_job(
     hyperparameters: Mapping[str, str],
 ) -> Layout:
     """Check every input, claim a job dir of this run's own, lay the job out in it."""
-    from trainenv.config import check_channel_name
-
-    checked = []
-    for channel, given in inputs:
-        check_channel_name("--input", channel)
-        target = Path(given).expanduser().absolute()
-        if not target.exists():
-            raise ConfigError.at("--input", channel, f"{given!r} does not exist")
-        checked.append((channel, target))
+    checked = check_inputs(inputs)
     source = None
     if source_dir is not None:
         source = source_dir.expanduser().absolute()
@@ -104,6 +97,20 @@ def lay_out_job(
     except OSError as exc:
         raise ConfigError(f"cannot lay out the job in {exc.filename or path}: {exc.strerror or exc}") from None
     return layout
+
+
+def check_inputs(inputs: Iterable[tuple[str, str]]) -> list[tuple[str, Path]]:
+    """Each ``--input`` as (channel, absolute path); a bad name or a missing path is a ``ConfigError``."""
+    from trainenv.config import check_channel_name
+
+    checked = []
+    for channel, given in inputs:
+        check_channel_name("--input", channel)
+        target = Path(given).expanduser().absolute()
+        if not target.exists():
+            raise ConfigError.at("--input", channel, f"{given!r} does not exist")
+        checked.append((channel, target))
+    return checked
 
 
 def _copy_source(source: Path, code_dir: Path, job_dir: Path) -> None:
@@ -140,6 +147,21 @@ def _claim(job_dir: Path | None) -> Path:
     return job_dir
 
 
+def file_input_variables(layout: Layout) -> dict[str, str]:
+    """``PAI_INPUT_<CH>`` = the file, for each file input (the channel dir ``lay_out_job`` made for a
+    file: a real dir holding one link), as PAI's local job sets it; a dir input keeps the channel dir."""
+    from trainenv.values import normalized_names
+
+    files: dict[str, str] = {}
+    data_dir = layout.data_dir
+    for channel in sorted(os.listdir(data_dir)) if data_dir.is_dir() else ():
+        channel_dir = data_dir / channel
+        entries = [] if channel_dir.is_symlink() or not channel_dir.is_dir() else list(channel_dir.iterdir())
+        if len(entries) == 1 and entries[0].is_symlink():
+            files[channel] = str(entries[0])
+    return {f"PAI_INPUT_{key}": files[channel] for channel, key in normalized_names(files, "channel").items()}
+
+
 def run_job(
     layout: Layout,
     flags: Mapping[str, Any],
@@ -152,6 +174,7 @@ def run_job(
 
     say(f"job dir:    {layout.base_dir}")
     job_environ = dict(environ, TRAINENV_BASE_DIR=str(layout.base_dir), TRAINENV_RUN_DIR=str(layout.local_run_parent))
+    job_environ.update(file_input_variables(layout))
     status = run_training(flags, job_environ, dry_run=dry_run)
     if not dry_run:
         say(f"model dir:  {layout.model_dir}")
