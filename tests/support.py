@@ -147,7 +147,7 @@ def failure(base: Path) -> str:
 # Variables a platform, a launcher or trainenv sets: a child process must not inherit them
 # from the machine or the CI.
 PLATFORM_PREFIXES = (
-    "TRAINENV_", "SM_", "SAGEMAKER_", "PAI_", "AIP_", "PET_", "TORCHELASTIC_", "ROLE_", "OMPI_", "PMIX_",
+    "TRAINENV_", "SM_", "SAGEMAKER_", "PAI_", "AIP_", "PET_", "TORCHELASTIC_", "ROLE_", "OMPI_", "PMIX_", "OCI__",
 )
 PLATFORM_NAMES = frozenset(
     {
@@ -155,6 +155,8 @@ PLATFORM_NAMES = frozenset(
         "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "NODE_RANK",
         "NNODES", "NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
         "TRAINING_JOB_NAME", "CURRENT_HOST", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME",
+        # OCI Data Science's markers and node count (its other names count only with a marker)
+        "JOB_RUN_OCID", "JOB_RUN_ENTRYPOINT", "NODE_COUNT", "INITIAL_CLUSTER_SIZE",
     }
 )
 

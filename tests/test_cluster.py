@@ -367,6 +367,7 @@ ALL_SOURCES = {
     "CLUSTER_SPEC": {"CLUSTER_SPEC": vertex("workerpool1", 0)},
     "PET": KF_V2_NODE1,
     "MASTER_ADDR": PAI_DLC_WORKER,
+    "ADS": {"JOB_RUN_OCID": "ocid1.datasciencejobrun.oc1..x", "NODE_COUNT": "1"},
 }
 
 

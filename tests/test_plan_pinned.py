@@ -1,7 +1,8 @@
 """What users see of the launch plan, pinned for every settings source.
 
 For each source of a setting (a ``trainenv train`` option, a ``TRAINENV_*`` variable,
-``trainenv.yaml``, a platform file or variable: ``resourceconfig.json``, ``SAGEMAKER_PROGRAM``)
+``trainenv.yaml``, a platform file or variable: ``resourceconfig.json``, ``SAGEMAKER_PROGRAM``,
+``SAGEMAKER_SUBMIT_DIRECTORY``, OCI Data Science's ``CODE_ENTRYPOINT`` and ``OCI__LAUNCH_CMD``)
 the real commands ``trainenv env --format json``, ``trainenv env --format shell`` and
 ``trainenv train --dry-run`` must print the same argv and the same environment, with the values
 pinned here; plus what the README promises for names and arguments.
@@ -129,6 +130,46 @@ def test_sagemaker_program(run_trainenv, job_tree):
     views.check_same()
     assert views.argv == [PYTHON, str(script), "--lr", "0.1"]
     assert views.environment["SM_USER_ENTRY_POINT"] == "entry.py" and views.environment["SM_MODULE_NAME"] == "entry"
+
+
+def test_sagemaker_submit_directory_and_requirements(run_trainenv, job_tree, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "sourcedir.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("entry.py")
+        tar.addfile(info)
+    base = job_tree(hyperparameters={"lr": "0.1"})
+    views = Views(run_trainenv, base, SAGEMAKER_PROGRAM="entry.py", SAGEMAKER_SUBMIT_DIRECTORY=str(archive),
+                  SAGEMAKER_REQUIREMENTS="req.txt", TRAINENV_COMPAT="none")
+    views.check_same()
+    assert views.argv == [PYTHON, str(base / "usercode" / "entry.py"), "--lr", "0.1"]  # named before the fetch
+    settings = views.json["launch"]["settings"]
+    assert settings["source"] == {"value": str(archive), "source": "SAGEMAKER_SUBMIT_DIRECTORY"}
+    assert views.json["launch"]["requirements"]["file"] == str(base / "usercode" / "req.txt")
+
+
+def test_ads_variables(run_trainenv, job_tree):
+    base = job_tree(hyperparameters={"lr": "0.1"}, files={"usercode/src/train.py": TRAIN_PY})
+    views = Views(run_trainenv, base, JOB_RUN_OCID="ocid1.x", WORKING_DIR="src", CODE_ENTRYPOINT="train.py",
+                  PYTHON_PATH="../lib", TRAINENV_COMPAT="none")
+    views.check_same()
+    code_dir = base / "usercode"
+    assert views.argv == [PYTHON, str(code_dir / "src" / "train.py"), "--lr", "0.1"]
+    assert views.environment["PYTHONPATH"].split(os.pathsep)[:3] == [str(code_dir / "src"), str(code_dir), str(code_dir / "lib")]
+    assert views.json["launch"]["cwd"] == str(code_dir / "src")
+    assert views.json["launch"]["settings"]["entry_point"] == {"value": "src/train.py", "source": "CODE_ENTRYPOINT"}
+
+
+def test_ads_launch_command(run_trainenv, job_tree):
+    base = job_tree(hyperparameters={"lr": "0.1"})
+    views = Views(run_trainenv, base, OCI__LAUNCH_CMD="python train.py", TRAINENV_COMPAT="none")
+    views.check_same()
+    assert views.argv == ["/bin/sh", "-c", "python train.py"]
+    env = views.environment
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": os.uname().nodename, "MASTER_PORT": "29500",
+    }
 
 
 def test_readme_names_and_arguments(run_trainenv, job_tree):

@@ -474,3 +474,90 @@ def test_a_code_dir_that_cannot_take_the_code_is_a_config_error(tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"cannot create a temporary dir in .*/missing for TRAINENV_SOURCE"):
         fetch_source(str(archive), str(tmp_path / "missing" / "usercode"), where="TRAINENV_SOURCE", max_bytes=10**6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.tar.gz", "usercode"]
+
+
+# -- git over ssh, with the platform's key file ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ssh_repo(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd on 127.0.0.1 (root only: it runs as the machine's sshd does) serving a repo,
+    and a client key it accepts, left readable by everyone as a mounted secret often is."""
+    import shutil
+    import socket
+    import time
+
+    from support import free_port
+
+    sshd = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+    if os.geteuid() != 0 or sshd is None or shutil.which("ssh-keygen") is None or shutil.which("ssh") is None:
+        pytest.skip("needs root, sshd and ssh (apt-get install openssh-server openssh-client)")
+    need_tool("git")
+    root = tmp_path_factory.mktemp("ssh")
+    repo = root / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "train.py").write_text(TRAIN)
+    _commit(repo, "over-ssh")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)], check=True)
+    (root / "authorized_keys").write_text((root / "client.pub").read_text())
+    (root / "client").chmod(0o644)  # ssh ignores such a key file: trainenv uses a private copy
+    port = free_port()
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host'}\nPidFile {root / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nPubkeyAuthentication yes\n"
+    )
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation dir
+    server = subprocess.Popen([sshd, "-D", "-e", "-f", str(root / "sshd_config")], stderr=open(root / "sshd.log", "wb"))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.skip(f"sshd did not start: {(root / 'sshd.log').read_text()[-500:]}")
+                time.sleep(0.05)
+        yield {"url": f"ssh://root@127.0.0.1:{port}{repo}", "key": str(root / "client"), "root": root}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize("named_by", ["TRAINENV_GIT_SSH_KEY_FILE", "OCI__GIT_SSH_KEY_PATH"])
+def test_an_ssh_source_clones_with_the_platforms_key_file(tmp_path: Path, ssh_repo: dict, named_by: str) -> None:
+    base = _job(tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    if named_by == "TRAINENV_GIT_SSH_KEY_FILE":
+        done = _train(base, ssh_repo["url"], TRAINENV_GIT_SSH_KEY_FILE=ssh_repo["key"], TMPDIR=str(scratch), HOME=str(tmp_path))
+    else:  # an OCI Data Science job: its git variables, its key file
+        done = run_train(base, text=True, JOB_RUN_OCID="ocid1.datasciencejobrun.x", GIT_URL=ssh_repo["url"],
+                         CODE_ENTRYPOINT="train.py", OCI__GIT_SSH_KEY_PATH=ssh_repo["key"], TMPDIR=str(scratch),
+                         HOME=str(tmp_path))
+    assert "ran over-ssh" in _ok(done)
+    assert list(scratch.iterdir()) == []  # the private copy of the key is gone
+    assert oct(os.stat(ssh_repo["key"]).st_mode & 0o777) == "0o644"  # the key file itself untouched
+
+
+def test_an_ssh_source_without_the_key_fails_at_once_and_keeps_the_old_code(tmp_path: Path, ssh_repo: dict) -> None:
+    base = _job(tmp_path)
+    before = tree_state_of(base / "usercode")
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    done = _train(base, ssh_repo["url"], TRAINENV_GIT_SSH_KEY_FILE=str(other), HOME=str(tmp_path))
+    assert done.returncode == 69, done.stderr
+    assert "SourceError" in done.stderr and "Permission denied" in done.stderr
+    assert tree_state_of(base / "usercode") == before
+
+
+def test_a_missing_ssh_key_file_is_a_config_error_naming_it(tmp_path: Path, ssh_repo: dict) -> None:
+    base = _job(tmp_path)
+    done = _train(base, ssh_repo["url"], TRAINENV_GIT_SSH_KEY_FILE=str(tmp_path / "no-key"), HOME=str(tmp_path))
+    assert done.returncode == 78, done.stderr
+    line = [line for line in done.stderr.splitlines() if "ConfigError" in line][0]
+    assert "TRAINENV_GIT_SSH_KEY_FILE" in line and "no-key" in line
+    assert (base / "usercode" / "keep" / "old.txt").exists()

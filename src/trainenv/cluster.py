@@ -26,6 +26,8 @@ Sources, first match wins
                    (Kubeflow, torchrun's env twins)
 ``MASTER_ADDR``    ``MASTER_ADDR``, ``RANK`` and               ``()``                       ``RANK`` (node-level)
                    ``WORLD_SIZE`` all set (PAI DLC, KF v1)
+``ADS``            ADS's markers and ``NODE_COUNT`` (or        ``()``                       ``NODE_RANK``
+                   ``OCI__WORKER_COUNT``, ``NODE_RANK``)
 ``single``         nothing above                               ``(hostname,)``              0
 =================  ==========================================  ===========================  ====================
 
@@ -87,6 +89,9 @@ Rules worth knowing
 * **nproc_per_node** is ``PET_NPROC_PER_NODE`` then ``NPROC_PER_NODE`` (the first that is
   set; ``LOCAL_WORLD_SIZE`` inside a torchrun worker); torchrun's keywords ``auto``, ``gpu``,
   ``cpu``, ``xpu`` mean "not said": ``None``.
+* **ADS** (OCI Data Science, only with its markers: ``cluster_values.is_ads``): the node count
+  is ``INITIAL_CLUSTER_SIZE``, else ``NODE_COUNT``, else ``OCI__WORKER_COUNT`` + 1; the master
+  is ``MASTER_ADDR``, else (one node) ``hostname``.
 * **network_interface** comes only from resourceconfig's ``network_interface_name``.
 
 Errors
@@ -110,6 +115,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Sequence
 
 from trainenv.cluster_values import (
+    ads_nodes,
     check_sparse,
     host_list,
     host_name,
@@ -130,7 +136,7 @@ from trainenv.frozen import SnapshotMapping, frozen
 
 __all__ = ["Cluster", "discover_cluster", "SOURCES"]
 
-SOURCES = ("trainenv", "resourceconfig", "TF_CONFIG", "CLUSTER_SPEC", "PET", "MASTER_ADDR", "single")
+SOURCES = ("trainenv", "resourceconfig", "TF_CONFIG", "CLUSTER_SPEC", "PET", "MASTER_ADDR", "ADS", "single")
 
 _TF_TRAINING = ("chief", "master", "worker")
 _TF_SUPPORT = ("ps", "evaluator")
@@ -205,6 +211,7 @@ def discover_cluster(
         lambda: _from_task_cluster(environ, "CLUSTER_SPEC", _VERTEX_TRAINING, _VERTEX_SUPPORT),
         lambda: _from_pet(environ, hostname),
         lambda: _from_master_addr(environ, hostname),
+        lambda: _from_ads(environ, hostname),
     )
     for read in readers:
         cluster = read()
@@ -517,3 +524,17 @@ def _from_master_addr(environ: Mapping[str, str], hostname: str) -> Cluster | No
     )
 
 
+def _from_ads(environ: Mapping[str, str], hostname: str) -> Cluster | None:
+    nodes = ads_nodes(environ)
+    if nodes is None:
+        return None
+    num_nodes, rank = nodes
+    master = read_var(environ, "MASTER_ADDR")
+    if master is None and num_nodes > 1:
+        raise ConfigError.at("NODE_COUNT", None, f"{num_nodes} nodes but no master address: set MASTER_ADDR (node 0's address) or TRAINENV_HOSTS")
+    return Cluster(
+        hosts=(), current_host=hostname, node_rank=rank, num_nodes=num_nodes,
+        master_addr=hostname if master is None else host_name(master, "MASTER_ADDR", None),
+        master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")), network_interface=None,
+        nproc_per_node=platform_nproc_per_node(environ), source="ADS",
+    )

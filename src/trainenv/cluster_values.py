@@ -34,6 +34,35 @@ def read_var(environ: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
+def is_ads(environ: Mapping[str, str]) -> bool:
+    """An OCI Data Science job run: ``JOB_RUN_OCID``, ``JOB_RUN_ENTRYPOINT`` or any ``OCI__*`` set."""
+    return any(read_var(environ, name) for name in ("JOB_RUN_OCID", "JOB_RUN_ENTRYPOINT")) or any(
+        name.startswith("OCI__") and read_var(environ, name) for name in environ
+    )
+
+
+def ads_nodes(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """``(num_nodes, node_rank)`` of an ADS job that names its nodes: ``INITIAL_CLUSTER_SIZE``, else
+    ``NODE_COUNT``, else ``OCI__WORKER_COUNT`` + 1, and ``NODE_RANK`` (default 0); else None."""
+    if not is_ads(environ):
+        return None
+    count: int | None = None
+    for name in ("INITIAL_CLUSTER_SIZE", "NODE_COUNT", "OCI__WORKER_COUNT"):
+        raw = read_var(environ, name)
+        if raw is not None:
+            count = non_negative_int(raw, name) + (name == "OCI__WORKER_COUNT")
+            if count < 1:
+                raise ConfigError.at(name, None, f"{show(raw)} is not a positive node count")
+            break
+    rank_raw = read_var(environ, "NODE_RANK")
+    if count is None and rank_raw is None:
+        return None
+    rank = 0 if rank_raw is None else non_negative_int(rank_raw, "NODE_RANK")
+    if rank >= (count or 1):
+        raise ConfigError.at("NODE_RANK", None, f"{rank} is not below the node count {count or 1} (NODE_COUNT)")
+    return count or 1, rank
+
+
 def show(value: Any) -> str:
     """A short repr for an error message, with URL credentials hidden."""
     if isinstance(value, str):

@@ -21,6 +21,7 @@ Entry points (``entry_argv``):
 | ``tool``           | ``<code dir>/tool`` or ``tool`` on PATH, ``<args>`` |
 | ``pkg.mod:func``   | ``<python> -m trainenv.runtimes.function pkg.mod:func`` (hyperparameters from the snapshot) |
 | ``file.py:func``   | ``<python> -m trainenv.runtimes.function <code dir>/file.py:func`` |
+| ``nb.ipynb``       | ``<python> -m trainenv.runtimes.notebook <code dir>/nb.ipynb --output ...`` (hyperparameters injected as a cell) |
 | command string     | ``/bin/sh -c <command>`` (no args appended)        |
 | command list       | the list as is, no shell (no args appended)       |
 
@@ -131,6 +132,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SHELL = "/bin/sh"
 TORCHRUN = ("-m", "torch.distributed.run")
 FUNCTION_RUNTIME = "trainenv.runtimes.function"
+NOTEBOOK_RUNTIME = "trainenv.runtimes.notebook"
 MPIRUN = "mpirun"
 WAIT_FOR_MASTER = ("-m", "trainenv.nodes", "wait-for-master")  # what the other nodes of an MPI job run
 
@@ -150,7 +152,7 @@ _BINDING_OPTIONS = ("--bind-to", "-bind-to", "--map-by", "-map-by", "--rank-by",
 class EntryPoint:
     """What the job runs: its kind, the path, module or command, and where it was configured."""
 
-    kind: str  # "script", "module", "function", "shell", "executable", "command"
+    kind: str  # "script", "module", "function", "notebook", "shell", "executable", "command"
     target: str
     source: str
     given: str = ""  # the entry point as configured (``train.py``), for SageMaker's SM_USER_ENTRY_POINT
@@ -177,6 +179,8 @@ def entry_argv(entry: EntryPoint, python: str, args: tuple[str, ...]) -> tuple[s
         return (python, "-m", entry.target, *args)
     if entry.kind == "function":
         return (python, "-m", FUNCTION_RUNTIME, entry.target, *args)
+    if entry.kind == "notebook":
+        return (python, "-m", NOTEBOOK_RUNTIME, entry.target, *args)
     if entry.kind == "shell":
         return (SHELL, entry.target, *args)
     if entry.kind == "executable":

@@ -154,7 +154,7 @@ def _deepspeed_python(plan: LaunchPlan) -> str:
     import shutil
 
     if plan.entry is None or plan.entry.kind != "command":
-        return plan.settings.interpreter
+        return plan.install_python
     script = shutil.which("deepspeed", path=plan.env.get("PATH", os.defpath))
     if script is None:
         raise ConfigError.at(plan.entry.source, None, "deepspeed is not on PATH: install deepspeed in the image or in requirements.txt")
@@ -165,7 +165,7 @@ def _deepspeed_python(plan: LaunchPlan) -> str:
         words = []
     if words and os.path.basename(words[0]) == "env":
         words = words[1:]
-    return words[0] if words and "python" in os.path.basename(words[0]) else plan.settings.interpreter
+    return words[0] if words and "python" in os.path.basename(words[0]) else plan.install_python
 
 
 def check_deepspeed(plan: LaunchPlan) -> None:
@@ -202,8 +202,7 @@ def prepare_nodes(env: TrainingEnv, plan: LaunchPlan, console: Console) -> NodeL
     settings = plan.settings
     if settings.distribution == "torchrun":
         check_torch(
-            settings.interpreter, plan.env, plan.cwd,
-            settings.sources.get("python", "TRAINENV_PYTHON") if settings.python else "the interpreter running trainenv",
+            plan.install_python, plan.env, plan.cwd, plan.python_source,
             settings.sources.get("distribution", "TRAINENV_DISTRIBUTION"),
         )
     if plan.launcher == "deepspeed" and env.num_nodes > 1:

@@ -8,11 +8,15 @@ and starts nothing. ``trainenv env`` and ``trainenv train --dry-run`` print the 
 same values, redacted the same way: ``view``, ``describe``, and ``environment`` for the shell
 format); the runner runs it.
 
-The entry point is the ``entry_point`` setting, else ``command``, else PAI's ``command.sh``,
-else SageMaker's ``SAGEMAKER_PROGRAM``. The child's environment is the inherited one, plus the
-snapshot's variables (``trainenv.exports``; ``TRAINENV_*`` always set, every other name only
-where the platform did not set it), ``TRAINENV_ENV_FILE``, ``PYTHONUNBUFFERED=1`` and
-``PYTHONPATH`` = the code dir before the inherited value (never the launcher's ``sys.path``).
+The entry point is the ``entry_point`` setting (SageMaker's ``SAGEMAKER_PROGRAM`` and OCI Data
+Science's entry variables among its sources: ``trainenv.settings.platforms``), else ``command``,
+else PAI's ``command.sh``, else ``sagemaker_program`` in the hyperparameters. The child's
+environment is the inherited one, plus the snapshot's variables (``trainenv.exports``;
+``TRAINENV_*`` always set, every other name only where the platform did not set it),
+``TRAINENV_ENV_FILE``, ``PYTHONUNBUFFERED=1`` and ``PYTHONPATH`` = the working dir, the code dir
+and the ``python_path`` setting's dirs before the inherited value (never the launcher's
+``sys.path``). A command from OCI Data Science's ``OCI__LAUNCH_CMD`` that is not a launcher also
+gets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (``settings.platforms``).
 
 Size: argv and environment together stay well under what ``exec`` accepts
 (``exports.kernel_arg_limit``). Once the inherited environment and a reserve for the
@@ -36,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from trainenv.environment import TrainingEnv
     from trainenv.settings import LaunchSettings
+    from trainenv.sources.conda_pack import CondaPack
 
 from trainenv.errors import ConfigError, shown
 from trainenv.exports import DEFAULT_MASTER_PORT, MAX_ARG_STRLEN, MAX_VAR_BYTES, arg_bytes, cap_args, environ_bytes, kernel_arg_limit, to_env_vars
@@ -43,6 +48,7 @@ from trainenv.frozen import fields, frozen, plain
 from trainenv.layout import JobTree, absolute_path, snapshot_file
 from trainenv.launchers import EntryPoint, Launch, plan_launch
 from trainenv.redact import is_secret_name, known_secrets, redact_data
+from trainenv.settings.platforms import LAUNCH_COMMAND, ads_command_env
 
 _MODULE_NAME = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"  # compiled on first use (re caches it)
 RESERVED_BYTES = 64 * 1024  # interpreter paths, launcher flags, the few names added after export
@@ -71,6 +77,7 @@ class LaunchPlan:
     hostfile_text: str | None = None
     peers: tuple[tuple[str, int], ...] = ()
     launcher: str | None = None  # the launcher the argv starts: torchrun, accelerate, deepspeed
+    conda_pack: CondaPack | None = None  # its bin/python is ``install_python`` and the job's
     exported: tuple[str, ...] = ()  # the names trainenv sets in ``env``, in order
     omitted_args: tuple[str, ...] = ()  # hyperparameters left out of argv (too large)
     secrets: tuple[str, ...] = ()
@@ -85,6 +92,15 @@ class LaunchPlan:
             "or the arguments would not fit; the entry point finds it in training_env() (TRAINENV_ENV_FILE)"
             for name in self.omitted_args
         )
+
+    @property
+    def python_source(self) -> str:
+        """Where the job's interpreter (``install_python``) comes from, for messages."""
+        if self.conda_pack is not None:
+            return self.conda_pack.source
+        if self.settings.python:
+            return self.settings.sources.get("python", "TRAINENV_PYTHON")
+        return "the interpreter running trainenv"
 
     def environment(self) -> dict[str, str]:
         """``{name: value}`` of every name trainenv sets (the platform's value where it set one)."""
@@ -103,6 +119,8 @@ class LaunchPlan:
             "env_file": self.env_file,
             "hostfile": self.hostfile,
             "requirements": {"file": self.requirements_file, "extra": list(settings.requirements), "install": settings.install},
+            "python": self.install_python,
+            "conda_pack": None if self.conda_pack is None else {"archive": self.conda_pack.archive, "prefix": self.conda_pack.prefix},
             "grace_seconds": settings.grace_seconds,
             "max_run_seconds": settings.max_run_seconds,
             "dirs_to_create": list(self.dirs_to_create),
@@ -130,6 +148,8 @@ class LaunchPlan:
             f"argv          {json.dumps(data['argv'], ensure_ascii=False)}",
             f"cwd           {data['cwd']}",
             *([f"source        {data['settings']['source']['value']} (fetched into the code dir at launch)"] if self.settings.source else []),
+            *([f"conda pack    {data['conda_pack']['archive']} -> {data['conda_pack']['prefix']} (unpacked at launch; "
+               f"{data['python']} runs the install and the job)"] if data["conda_pack"] else []),
             f"env file      {data['env_file']}",
             f"requirements  {requirements['file'] or '(none)'}"
             + (f" + {' '.join(requirements['extra'])}" if requirements["extra"] else "")
@@ -139,6 +159,9 @@ class LaunchPlan:
         ]
         if data["hostfile"]:
             lines.append(f"hostfile      {data['hostfile']}")
+        platform = [f"{name} from {source}" for name, source in self.settings.sources.items() if _from_platform(source)]
+        if platform:
+            lines.append(f"platform      {'; '.join(platform)}")
         lines += [f"warning: {line}" for line in self.warnings]
         lines.append("environment (set by trainenv):")
         true_values = self.environment()
@@ -148,6 +171,11 @@ class LaunchPlan:
             else:
                 lines.append(f"  # {name}: {_secret_kind(name)}, not shown (--show-secrets shows it)")
         return "\n".join(lines)
+
+
+def _from_platform(source: str) -> bool:
+    """A setting's source that is a platform's variable (not a flag, ``TRAINENV_*``, a file or the default)."""
+    return source != "default" and ": " not in source and not source.startswith(("option ", "TRAINENV_"))
 
 
 def _secret_kind(name: str) -> str:
@@ -180,9 +208,9 @@ def _resolve_entry(env: TrainingEnv, settings: LaunchSettings, environ: Mapping[
 
         data = read_bytes(command_file)  # a ConfigError naming the file when unreadable or huge
         return EntryPoint("command", decode_text(command_file, data or b""), command_file)
-    program = environ.get("SAGEMAKER_PROGRAM") or env.framework_parameters.get("sagemaker_program")
+    program = env.framework_parameters.get("sagemaker_program")
     if program:
-        return _classify(env, str(program), "SAGEMAKER_PROGRAM", environ)
+        return _classify(env, str(program), "sagemaker_program", environ)
     return None
 
 
@@ -197,7 +225,7 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
             raise ConfigError.at(source, None, f"{shown(entry)}: expected '-m package.module'")
         return EntryPoint("module", module, source, entry)
     path = absolute_path(os.path.join(env.code_dir, entry))  # an absolute entry stays itself
-    if entry.endswith((".py", ".sh")) or os.sep in entry:
+    if entry.endswith((".py", ".sh", ".ipynb")) or os.sep in entry:
         if os.path.isdir(path):
             raise ConfigError.at(source, None, f"{shown(entry)}: {path} is a directory, expected a file")
         if not os.path.isfile(path):
@@ -206,6 +234,8 @@ def _classify(env: TrainingEnv, entry: str, source: str, environ: Mapping[str, s
             return EntryPoint("script", path, source, entry)
         if entry.endswith(".sh"):
             return EntryPoint("shell", path, source, entry)
+        if entry.endswith(".ipynb"):  # trainenv.runtimes.notebook
+            return EntryPoint("notebook", path, source, entry)
     if os.path.isdir(path):
         raise ConfigError.at(source, None, f"{shown(entry)}: {path} is a directory, expected a file")
     if os.path.isfile(path):
@@ -226,7 +256,7 @@ def _pending(env: TrainingEnv, entry: str, source: str) -> EntryPoint:
     path = absolute_path(os.path.join(env.code_dir, where))
     if name:
         return EntryPoint("function", f"{path}:{name}", source, entry)
-    kind = "script" if entry.endswith(".py") else "shell" if entry.endswith(".sh") else "executable"
+    kind = "script" if entry.endswith(".py") else "shell" if entry.endswith(".sh") else "notebook" if entry.endswith(".ipynb") else "executable"
     return EntryPoint(kind, path, source, entry)
 
 
@@ -245,6 +275,18 @@ def _classify_function(env: TrainingEnv, entry: str, source: str) -> EntryPoint 
         problem = "is a directory, expected a file" if os.path.isdir(path) else "does not exist"
         raise ConfigError.at(source, None, f"{shown(entry)}: {path} {problem}")
     return EntryPoint("function", f"{path}:{name}", source, entry)
+
+
+def _requirements_file(env: TrainingEnv, settings: LaunchSettings, code_fetched: bool) -> str:
+    """``requirements.txt`` in the code dir, or the ``requirements_file`` setting's file there
+    (which must exist once the code is there, when requirements are installed)."""
+    if not settings.requirements_file:
+        return JobTree(env.base_dir).requirements_file
+    path = os.path.join(env.code_dir, settings.requirements_file)
+    if settings.install and (code_fetched or not settings.source) and not os.path.isfile(path):
+        where = settings.sources.get("requirements_file", "requirements_file")
+        raise ConfigError.at(where, None, f"{shown(settings.requirements_file)}: {path} is not a file")
+    return path
 
 
 def _workdir(env: TrainingEnv, settings: LaunchSettings, code_fetched: bool) -> str:
@@ -307,7 +349,20 @@ def build_plan(
             f"arguments after -- ({shown(' '.join(job_args))}) go to an entry point (a script, module, executable or "
             f"entry function), but this job has {kind}: put them in the command itself"
         )
-    python = settings.interpreter
+    if job_args and entry is not None and entry.kind == "notebook":
+        raise ConfigError.at(
+            entry.source, None, f"arguments after -- ({shown(' '.join(job_args))}) cannot reach a notebook, which has no "
+            "argv: give the values as hyperparameters (injected as a cell after the one tagged 'parameters')"
+        )
+    pack = None
+    if settings.conda_pack:  # the pack's bin/python runs the install and the job (trainenv.sources.conda_pack)
+        from trainenv.sources.conda_pack import plan_pack
+
+        python_source = settings.sources.get("python", "python") if settings.python else None
+        source = settings.sources.get("conda_pack", "conda_pack")
+        pack = plan_pack(settings.conda_pack, source, python_source, os.path.dirname(run_dir(env, environ)))
+    python = pack.python if pack is not None else settings.interpreter
+    activated = ("PATH", "CONDA_PREFIX") if pack is not None else ()
     nproc = settings.nproc_per_node or env.platform_nproc_per_node or env.num_gpus or 1
     port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
     limit = kernel_arg_limit()
@@ -317,6 +372,10 @@ def build_plan(
     args_size = 0
     if entry is not None and entry.kind == "function":  # hyperparameters from the snapshot, or ARGS by ADS's rules
         args = ("--", *job_args) if job_args else ()
+    elif entry is not None and entry.kind == "notebook":  # hyperparameters from the snapshot, as a cell
+        from trainenv.runtimes.notebook import runtime_args
+
+        args = runtime_args(entry.target, env.output_dir, settings.notebook_exclude_tags, settings.grace_seconds)
     elif entry is not None and entry.kind != "command":  # the hyperparameter arguments, then the job's own ARGS
         args, omitted_args, args_size = cap_args(env.user_args, room // 2)
         args += tuple(job_args)
@@ -332,21 +391,26 @@ def build_plan(
     )
     directory = run_dir(env, environ)
     env_file = snapshot_file(directory)
-    names = (*exported, ENV_FILE_NAME, "PYTHONPATH", "PYTHONUNBUFFERED")
+    names = (*exported, ENV_FILE_NAME, "PYTHONPATH", "PYTHONUNBUFFERED", *activated)
     launch = Launch(argv=())
     if entry is not None:
         launch = plan_launch(env, settings, entry, python, args, nproc, port, directory, environ, names)
     extra = {ENV_FILE_NAME: env_file, **launch.env}
+    if settings.sources.get("command") == LAUNCH_COMMAND and launch.launcher is None:  # as ADS sets them
+        extra.update(ads_command_env(env.num_nodes, env.node_rank if env.num_nodes == 1 else None, nproc, env.master_host, port))
     rank = "?" if env.node_rank is None else env.node_rank
-    requirements = JobTree(env.base_dir).requirements_file
+    requirements = _requirements_file(env, settings, code_fetched)
     dirs = list(env.output_dirs.values())
     if "SM_OUTPUT_DATA_DIR" in exported:  # SageMaker scripts write there without creating it
         dirs.append(exported["SM_OUTPUT_DATA_DIR"])
     workdir = _workdir(env, settings, code_fetched)
     if workdir == env.code_dir:
         dirs.append(workdir)  # a command job may come with no code at all: it still runs in the code dir
-    paths = env.code_dir if workdir == env.code_dir else workdir + os.pathsep + env.code_dir
+    extra_paths = (os.path.normpath(os.path.join(workdir, path)) for path in settings.python_path)
+    paths = os.pathsep.join(dict.fromkeys((workdir, env.code_dir, *extra_paths)))
     child = child_environ(environ, exported, paths, extra)
+    if pack is not None:  # as `conda activate` would: its bin/ first on PATH, CONDA_PREFIX
+        child.update(pack.environ(child.get("PATH", os.defpath)))
     too_long = [arg for arg in launch.argv if len(arg.encode("utf-8", "surrogateescape")) >= MAX_ARG_STRLEN]
     if too_long:
         where = entry.source if entry is not None else "the command"
@@ -371,7 +435,7 @@ def build_plan(
         env_file=env_file,
         snapshot_json=env.to_json(),
         install_python=python,
-        requirements_file=requirements if os.path.isfile(requirements) else None,
+        requirements_file=requirements if settings.requirements_file or os.path.isfile(requirements) else None,
         dirs_to_create=tuple(dict.fromkeys(dirs)),
         failure_file=env.failure_file,
         log_prefix=f"[{env.current_host}:{rank}] " if settings.log_prefix else None,
@@ -379,7 +443,8 @@ def build_plan(
         hostfile_text=launch.hostfile_text,
         peers=launch.peers,
         launcher=launch.launcher,
-        exported=tuple(dict.fromkeys((*exported, *extra, "PYTHONPATH", "PYTHONUNBUFFERED"))),
+        conda_pack=pack,
+        exported=tuple(dict.fromkeys((*exported, *extra, "PYTHONPATH", "PYTHONUNBUFFERED", *activated))),
         omitted_args=omitted_args,
         secrets=tuple(known_secrets(environ, env.hyperparameters)),
     )

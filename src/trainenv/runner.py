@@ -8,9 +8,11 @@
 4. create the output dirs, write the snapshot file (``TRAINENV_ENV_FILE``) and hostfile (an
    ``OSError`` here is a ``ConfigError`` naming the path);
 5. log a short, redacted start-up summary;
-6. install the requirements (``trainenv.install``);
-7. an entry function run by another interpreter (``TRAINENV_PYTHON``): check that it can import
-   trainenv (``trainenv.runtimes.function``); a launcher (torchrun, accelerate, deepspeed, mpi): check the engine, wait for the peers; on node 0 of an MPI job, wait for every
+6. with a conda pack, unpack it once per node (``trainenv.sources.conda_pack``); install the
+   requirements (``trainenv.install``);
+7. an entry function run by another interpreter (``TRAINENV_PYTHON``, a conda pack): check that it can import
+   trainenv (``trainenv.runtimes.function``); a notebook: check that the job's interpreter can
+   import nbclient and ipykernel (``trainenv.runtimes.notebook``); a launcher (torchrun, accelerate, deepspeed, mpi): check the engine, wait for the peers; on node 0 of an MPI job, wait for every
    other node (``trainenv.nodes.prepare_nodes``);
 8. run the plan under the supervisor (``trainenv.supervisor``);
 9. classify the outcome, write ``output/failure`` on failure, return the exit status (node 0 of
@@ -207,13 +209,21 @@ class Launch:
         self._prepare(plan)
         for line in (*summary_lines(env, plan), *plan.warnings):
             self.console.info(line)
+        if plan.conda_pack is not None:  # its interpreter runs the install and the job
+            self.signals.waiting(lambda: self._unpack(plan))  # a signal stops the unpack at once
         if settings.install:
             self.signals.check()
             self._install(plan)
-        if plan.entry is not None and plan.entry.kind == "function" and settings.python and settings.python != sys.executable:
+        if plan.entry is not None and plan.entry.kind == "function" and plan.install_python != sys.executable:
             from trainenv.runtimes.function import check_interpreter
 
-            check_interpreter(settings.python, plan.env, plan.cwd, settings.sources.get("python", "TRAINENV_PYTHON"))
+            check_interpreter(plan.install_python, plan.env, plan.cwd, plan.python_source)
+        if plan.entry is not None and plan.entry.kind == "notebook":  # nbclient and ipykernel, before anything runs
+            from trainenv.runtimes.notebook import check_interpreter as check_notebook_interpreter
+
+            check_notebook_interpreter(
+                plan.install_python, plan.env, plan.cwd, python_source=plan.python_source, source=plan.entry.source
+            )
         if settings.distribution != "none" or plan.launcher:
             from trainenv.nodes import prepare_nodes
 
@@ -229,9 +239,16 @@ class Launch:
             self.layout.code_dir,
             where=settings.sources.get("source", "TRAINENV_SOURCE"),
             git_ref=settings.git_ref,
+            ssh_key=(settings.git_ssh_key_file, settings.sources.get("git_ssh_key_file", "TRAINENV_GIT_SSH_KEY_FILE")) if settings.git_ssh_key_file else None,
             max_bytes=settings.source_max_bytes,
             info=self.console.info,
         )
+
+    def _unpack(self, plan: Any) -> None:
+        """Unpack the conda pack (``trainenv.sources.conda_pack``), unless this node already has it."""
+        from trainenv.sources.conda_pack import unpack
+
+        unpack(plan.conda_pack, plan.env, plan.settings.source_max_bytes, info=self.console.info)
 
     def _scrub(self, secrets: Any) -> None:
         """From now on, these secret values are scrubbed from the log and the failure file."""
@@ -316,7 +333,7 @@ class Launch:
                 timed_out=result.timed_out,
                 stopped_by=result.stopped_by,
                 oom_killed=result.oom_killed,
-                runtime=plan.entry.kind == "function",
+                runtime=plan.entry.kind in ("function", "notebook"),
             )
         if not outcome.failed:
             self.console.info(f"{outcome.reason} in {result.seconds:.1f} s")

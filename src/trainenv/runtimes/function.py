@@ -141,15 +141,15 @@ def check_call(func: Callable[..., Any], label: str, args: list[Any], kwargs: Ma
 def check_interpreter(python: str, env: Mapping[str, str], cwd: str, source: str) -> None:
     """``ConfigError`` unless the job's interpreter can import trainenv, which runs the function.
 
-    The runner calls it before launching, only when ``TRAINENV_PYTHON`` names another
-    interpreter than trainenv's own (~20 ms: the package is found, not imported).
+    The runner calls it before launching, only when the job runs another interpreter than
+    trainenv's own (``TRAINENV_PYTHON`` or a conda pack's) (~20 ms: the package is found, not imported).
     """
     from trainenv.interpreter import require_module
 
     require_module(
         python, "trainenv", env, cwd, python_source=source, source=source,
         missing=f"an entry function runs in trainenv's runtime, but {python} cannot import trainenv; "
-        "install trainenv in that environment, or leave TRAINENV_PYTHON unset",
+        f"install trainenv in that environment ({source} chose it)",
     )
 
 

@@ -1,4 +1,5 @@
-"""Launch settings: one table, resolved flag → ``TRAINENV_*`` variable → ``trainenv.yaml`` → default.
+"""Launch settings: one table, resolved flag → ``TRAINENV_*`` variable → a platform's variable
+(``trainenv.settings.platforms``) → ``trainenv.yaml`` → default.
 
 Each row of ``SETTINGS`` is one setting: its name (also its key in ``trainenv.yaml``), its
 ``trainenv train`` flag, its variable, how to parse it, its default and its help. The CLI
@@ -58,6 +59,42 @@ def _relative_dir(value: Any) -> str:
     return path
 
 
+def _paths(value: Any) -> tuple[str, ...]:
+    """Import paths: a colon-separated string or a YAML list (empty entries dropped)."""
+    items = string_items(value) if isinstance(value, (list, tuple)) else tuple(_text(value).split(":"))
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _relative_file(value: Any) -> str:
+    """A file in the code dir: relative, without ``..``."""
+    path = _text(value).strip()
+    if not path or path.startswith("/") or ".." in path.split("/") or path.endswith("/"):
+        raise ValueError("expected a file in the code dir: a relative path without '..'")
+    return path
+
+
+def _tag_list(value: Any) -> tuple[str, ...]:
+    """Notebook cell tags: a JSON list of strings (a YAML list in trainenv.yaml)."""
+    if isinstance(value, (list, tuple)):
+        return string_items(value)
+    import json  # deferred: most jobs run no notebook
+
+    try:
+        items = json.loads(_text(value))
+    except ValueError:
+        raise ValueError('expected a JSON list of strings, e.g. ["skip", "slow"]') from None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError('expected a JSON list of strings, e.g. ["skip", "slow"]')
+    return tuple(items)
+
+
+def _conda_pack(value: Any) -> str:
+    """A local conda-pack archive (``trainenv.sources.conda_pack``)."""
+    from trainenv.sources.conda_pack import parse_pack
+
+    return parse_pack(_text(value))
+
+
 DISTRIBUTIONS = ("none", "torchrun", "mpi", "accelerate", "deepspeed")
 RDZV_BACKENDS = ("static", "c10d")
 INSTALLERS = ("auto", "uv", "pip")
@@ -90,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
             "Install requirements before the entry point starts.", "BOOL"),
     Setting("python", "--python", "TRAINENV_PYTHON", _text, None,
             "Interpreter for Python entry points and for installing requirements (default: the one running trainenv).", "PATH"),
+    Setting("conda_pack", "--conda-pack", "TRAINENV_CONDA_PACK", _conda_pack, None,
+            "A conda-pack archive (a local .tar.gz or .tgz): unpacked once per node (conda-unpack run), its bin/python runs the "
+            "requirements install and the job, its bin/ first on PATH.", "PACK"),
     Setting("log_prefix", "--log-prefix/--no-log-prefix", "TRAINENV_LOG_PREFIX", _boolean, False,
             "Prefix every line of the job's output with [host:rank].", "BOOL"),
     Setting("master_port", "--master-port", "TRAINENV_MASTER_PORT", _number(int, 1, 65535), None,
@@ -105,16 +145,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("mpi_options", "--mpi-options", "TRAINENV_MPI_OPTIONS", _words, (),
             "mpi: extra mpirun arguments (binding, interface flags), split like a shell would.", "ARGS"),
     Setting("source", "--source", "TRAINENV_SOURCE", _text, None,
-            "Where the code comes from when it is not already in the code dir: an archive (.tar.gz, .tgz, .tar, .zip) or a git URL "
+            "Where the code comes from when it is not already in the code dir: an archive (.tar.gz, .tgz, .tar, .zip), an absolute dir, or a git URL "
             "(https://, ssh://, git@, file://); fetched into the code dir, replacing its contents, before requirements are installed.", "SOURCE"),
     Setting("git_ref", "--git-ref", "TRAINENV_GIT_REF", _text, None,
             "The branch, tag or commit of a git source (default: its default branch).", "REF"),
+    Setting("git_ssh_key_file", "--git-ssh-key-file", "TRAINENV_GIT_SSH_KEY_FILE", _text, None,
+            "A private key file for an ssh git source (ssh://, git@): git's ssh uses it and no other key; an unknown host key is accepted.", "FILE"),
     Setting("git_entry_dir", "--git-entry-dir", "TRAINENV_GIT_ENTRY_DIR", _relative_dir, None,
             "A sub-dir of the code dir to run from: the job's working dir, first on PYTHONPATH (the entry point is still named from the code dir).", "DIR"),
+    Setting("python_path", "--python-path", "TRAINENV_PYTHON_PATH", _paths, (),
+            "Extra import paths (colon separated), relative to the job's working dir: added to PYTHONPATH after the working dir and the code dir.", "PATHS"),
+    Setting("requirements_file", "--requirements-file", "TRAINENV_REQUIREMENTS_FILE", _relative_file, None,
+            "The requirements file installed before the job, relative to the code dir (default: requirements.txt).", "FILE"),
     Setting("source_max_bytes", "--source-max-bytes", "TRAINENV_SOURCE_MAX_BYTES", _number(int, 1), 10 * 1024**3,
             "An archive source is refused when its contents would take more than this many bytes.", "BYTES"),
     Setting("installer", "--installer", "TRAINENV_INSTALLER", _choice(INSTALLERS), "auto",
             "What installs the requirements: auto (uv if found, else pip), uv or pip.", "TOOL", INSTALLERS),
+    Setting("notebook_exclude_tags", "--notebook-exclude-tags", "TRAINENV_NOTEBOOK_EXCLUDE_TAGS", _tag_list, (),
+            "A notebook entry point (.ipynb): cells with any of these tags are skipped (a JSON list of strings; a YAML list in trainenv.yaml).", "JSON"),
     # Read before trainenv.yaml is (it governs the log of reading it): no file key.
     Setting("log_level", "--log-level", "TRAINENV_LOG_LEVEL", _choice(LOG_LEVELS), "info",
             "trainenv's own log: quiet (errors only), info or debug.", "LEVEL", LOG_LEVELS, in_file=False),
@@ -127,6 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+_PLATFORM = 2  # the level of a platform's variable among a setting's sources
 
 
 @frozen
@@ -143,6 +192,7 @@ class LaunchSettings:
     requirements: tuple[str, ...] = ()
     install: bool = True
     python: str | None = None
+    conda_pack: str | None = None
     log_prefix: bool = False
     master_port: int | None = None
     rdzv_backend: str = "static"
@@ -152,9 +202,13 @@ class LaunchSettings:
     mpi_options: tuple[str, ...] = ()
     source: str | None = None
     git_ref: str | None = None
+    git_ssh_key_file: str | None = None
     git_entry_dir: str | None = None
+    python_path: tuple[str, ...] = ()
+    requirements_file: str | None = None
     source_max_bytes: int = 10 * 1024**3
     installer: str = "auto"
+    notebook_exclude_tags: tuple[str, ...] = ()
     log_level: str = "info"
     run_dir: str | None = None
     job_name: str | None = None
@@ -186,7 +240,12 @@ def _check_file_keys(file_settings: Mapping[str, Any], file_source: object) -> N
 
 
 def _candidates(
-    setting: Setting, flags: Mapping[str, Any], environ: Mapping[str, str], file_settings: Mapping[str, Any], file_source: object
+    setting: Setting,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_settings: Mapping[str, Any],
+    file_source: object,
+    platform: Mapping[str, tuple[str, str]],
 ) -> list[tuple[Any, object, str | None]]:
     """``(raw value, source, key)`` from each source that sets ``setting``, highest first."""
     found: list[tuple[Any, object, str | None]] = []
@@ -194,6 +253,8 @@ def _candidates(
         found.append((flags[setting.name], f"option {setting.flag.split('/')[0]}", None))
     if environ.get(setting.variable, "") != "":
         found.append((environ[setting.variable], setting.variable, None))
+    if setting.name in platform:  # a platform's variable (trainenv.settings.platforms)
+        found.append((*platform[setting.name], None))
     key = _file_key(file_settings, setting.name) if setting.in_file else None
     if key is not None and file_settings[key] is not None:
         found.append((file_settings[key], file_source, key))
@@ -209,21 +270,37 @@ def _parse(setting: Setting, raw: Any, source: object, key: str | None) -> Any:
         raise ConfigError.at(source, key, f"{shown(raw)}: {exc}") from None
 
 
+def _one_entry(values: dict[str, Any], sources: dict[str, str], levels: Mapping[str, int]) -> None:
+    """A platform's entry point (or command) meeting a command (or entry point) from another
+    source: the higher source's stays, the lower one is dropped (``levels``: 2 is the platform)."""
+    names = ("entry_point", "command")
+    if not (values["entry_point"] and values["command"]) or _PLATFORM not in (levels.get(n) for n in names):
+        return
+    loser = max(names, key=lambda name: levels[name])
+    values[loser], sources[loser] = SETTINGS_BY_NAME[loser].default, "default"
+
+
 def resolve_settings(
     flags: Mapping[str, Any],
     environ: Mapping[str, str],
     file_settings: Mapping[str, Any],
     file_source: object = "trainenv.yaml",
 ) -> LaunchSettings:
-    """Each setting from the first of: flag, variable, ``trainenv.yaml``, default.
+    """Each setting from the first of: flag, variable, a platform's variable, ``trainenv.yaml``, default.
 
     The value of every source is parsed, so a bad one is an error even where a higher one wins.
+    A platform names one entry, an entry point or a command: it gives way to the other one from a
+    flag or variable, and wins over the other one from ``trainenv.yaml``.
     """
+    from trainenv.settings.platforms import platform_settings
+
     _check_file_keys(file_settings, file_source)
+    platform = platform_settings(environ)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    levels: dict[str, int] = {}  # the winner's level: 1 a flag or variable, 2 a platform, 3 the file
     for setting in SETTINGS:
-        candidates = _candidates(setting, flags, environ, file_settings, file_source)
+        candidates = _candidates(setting, flags, environ, file_settings, file_source, platform)
         # Every source's value is parsed, not only the winner's: a bad one is an error either way.
         parsed = [_parse(setting, raw, source, key) for raw, source, key in candidates]
         if not candidates:
@@ -231,8 +308,11 @@ def resolve_settings(
             sources[setting.name] = "default"
             continue
         _, source, key = candidates[0]
+        from_platform = setting.name in platform and source == platform[setting.name][1]
+        levels[setting.name] = 3 if key is not None else _PLATFORM if from_platform else 1
         values[setting.name] = parsed[0]
         sources[setting.name] = str(source) if key is None else f"{source}: {key}"
+    _one_entry(values, sources, levels)
     if values["entry_point"] and values["command"]:
         raise ConfigError(
             f"both an entry point ({sources['entry_point']}) and a command ({sources['command']}) are set; use one"

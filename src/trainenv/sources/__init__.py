@@ -3,6 +3,7 @@
 ``fetch_source`` picks the form from the value: a path ending in ``.tar.gz``, ``.tgz``,
 ``.tar`` or ``.zip`` is an archive (``trainenv.sources.archive``); an ``https://``,
 ``ssh://``, ``git@`` or ``file://`` URL is a git repository (``trainenv.sources.git``);
+an absolute path of a directory (SageMaker's ``SAGEMAKER_SUBMIT_DIRECTORY``) is copied, links as links;
 ``s3://``, ``oci://`` and ``gs://`` are the platform's to fetch (a ``ConfigError``). The code is
 fetched into a temporary dir beside the code dir, and replaces the code dir's contents only
 once the fetch is complete: a failed fetch leaves the previous code as it was.
@@ -16,7 +17,7 @@ TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
 
-from trainenv.errors import ConfigError, shown
+from trainenv.errors import ConfigError, SourceError, shown
 from trainenv.redact import redact_urls
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -34,8 +35,10 @@ def source_form(source: str, where: str) -> str:
         return "git"
     if value.lower().endswith(ARCHIVE_SUFFIXES):
         return "archive"
-    raise ConfigError.at(where, None, f"{shown(redact_urls(value))}: expected an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
-                                      f"or a git URL ({', '.join(GIT_PREFIXES)})")
+    if os.path.isabs(value) and os.path.isdir(value):  # SageMaker's SAGEMAKER_SUBMIT_DIRECTORY: a dir it filled
+        return "directory"
+    raise ConfigError.at(where, None, f"{shown(redact_urls(value))}: expected an archive ({', '.join(ARCHIVE_SUFFIXES)}), "
+                                      f"a git URL ({', '.join(GIT_PREFIXES)}) or an absolute path of a directory")
 
 
 def fetch_source(
@@ -44,10 +47,14 @@ def fetch_source(
     *,
     where: str,
     git_ref: str | None = None,
+    ssh_key: tuple[str, str] | None = None,
     max_bytes: int,
     info: Callable[[str], None] = lambda line: None,
 ) -> None:
-    """Fetch ``source`` and make it the contents of ``code_dir`` (``SourceError`` on failure)."""
+    """Fetch ``source`` and make it the contents of ``code_dir`` (``SourceError`` on failure).
+
+    ``ssh_key``: a private key file for a git source over ssh, and the setting that named it.
+    """
     import shutil
     import tempfile
 
@@ -65,11 +72,20 @@ def fetch_source(
 
             info(f"extracting {value} into {code_dir}")
             extract_archive(value, fetched, max_bytes)
+        elif form == "directory":
+            real, code = os.path.realpath(value), os.path.realpath(code_dir)
+            if os.path.commonpath((real, code)) in (real, code):
+                raise ConfigError.at(where, None, f"{shown(value)}: holds the code dir or lies in it ({code_dir}); name a dir apart from it")
+            info(f"copying {value} into {code_dir}")
+            try:
+                shutil.copytree(value, fetched, symlinks=True)
+            except (OSError, shutil.Error) as exc:
+                raise SourceError(f"{where}: cannot copy {value}: {exc}") from None
         else:
             from trainenv.sources.git import clone
 
             info(f"cloning {redact_urls(value)}{f' at {git_ref}' if git_ref else ''} into {code_dir}")
-            clone(value, fetched, git_ref)
+            clone(value, fetched, git_ref, ssh_key)
         _replace_contents(code_dir, fetched)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

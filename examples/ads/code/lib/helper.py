@@ -1,0 +1,5 @@
+"""A helper module outside the working dir (found through ``PYTHON_PATH``)."""
+
+
+def loss(epoch):
+    return 1.0 / (epoch + 1)
