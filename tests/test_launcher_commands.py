@@ -309,6 +309,30 @@ def test_plain_torchrun_command_on_one_node_gets_the_processes_per_node(tmp_path
 
 
 @pytest.mark.distributed
+def test_plain_accelerate_command_on_two_nodes(tmp_path, record_property):
+    """``accelerate launch --multi_gpu train.py`` on two nodes × 2 processes: trainenv adds
+    --num_machines, --machine_rank, --num_processes (the total), --main_process_ip/port."""
+    need_torch()
+    if not Path(BIN, "accelerate").exists():
+        pytest.skip("accelerate is not installed")
+    port = free_port()
+    procs, t0 = [], time.monotonic()
+    for node in (0, 1):
+        base = make_tree(tmp_path / f"node{node}", {"train.py": ALLREDUCE})
+        env = _environ(base, TRAINENV_COMMAND="accelerate launch --multi_gpu train.py", TRAINENV_NPROC_PER_NODE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(node), WORLD_SIZE="2",
+                       HF_HOME=str(tmp_path / f"hf{node}"), GLOO_SOCKET_IFNAME="lo")
+        procs.append(start([*TRAINENV, "train"], env=env, log_dir=tmp_path))
+    results = wait_all(procs, 240.0)
+    report_wall_time(record_property, "plain_accelerate_command", time.monotonic() - t0)
+    for result in results:
+        assert result.returncode == 0, result.describe()
+    ranks = sorted((r["rank"], r["world"], r["sum"]) for result in results for r in json_lines(result.stdout) if "rank" in r)
+    assert ranks == [(rank, 4, 10.0) for rank in range(4)], "\n".join(r.describe() for r in results)
+    assert {r["rank"] for r in json_lines(results[1].stdout) if "rank" in r} == {2, 3}  # node 1 got --machine_rank 1
+
+
+@pytest.mark.distributed
 def test_plain_deepspeed_command_on_two_nodes_without_ssh(tmp_path, record_property):
     """``deepspeed train.py`` on two nodes: each runs its own launcher (--no_ssh) over trainenv's hostfile."""
     need_torch()
