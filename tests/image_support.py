@@ -14,6 +14,8 @@ naming that local image and ``--build-arg PIP_NO_INDEX=true`` so pip installs fr
 wheels in the build context only. ``build_image_offline`` does all of it; run as a script
 (``python tests/image_support.py [TAG]``), this module builds the image into podman's own
 storage, the offline route the README gives.
+``build_torch_image`` derives an image with torch CPU from one built this way: the wheel from
+``/opt/wheels``, its dependencies' wheels fetched beforehand with ``pip download`` (from PyPI).
 
 ``Podman`` runs podman with ``--root``/``--runroot``/``--tmpdir`` (and ``TMPDIR``) under one
 state directory, the cgroupfs manager and the file events backend, and ``Podman.reset``
@@ -415,6 +417,55 @@ def build_image_offline(podman: Podman, work: Path, repo: Path, tag: str,
     podman.build(context, repo / "docker" / "Dockerfile.cpu", tag,
                  [("BASE", BASE_IMAGE), ("PIP_NO_INDEX", "true")])
     seconds["image build"] = time.monotonic() - start
+
+
+TORCH_WHEELS = "/opt/wheels/torch-*+cpu-cp311-cp311-manylinux*_x86_64.whl"
+TORCH_CONTAINERFILE = """\
+ARG BASE
+FROM ${BASE}
+COPY wheels/ /tmp/wheels/
+RUN python -m pip install --no-index --find-links /tmp/wheels --no-cache-dir --disable-pip-version-check \\
+        /tmp/wheels/torch-*.whl && rm -rf /tmp/wheels
+"""
+
+
+def build_torch_image(podman: Podman, work: Path, base: str, tag: str) -> None:
+    """Build ``tag``: ``base`` (a CPython 3.11 image) with torch CPU from the wheel on disk
+    (``TORCH_WHEELS``) and its dependencies' wheels, downloaded here first (``pip download``:
+    the build itself has no network).
+
+    Raises ``PodmanUnavailable`` (the reason) when there is no torch wheel, ``base``'s python
+    is not 3.11 (the wheel's), or pip cannot fetch the dependencies.
+    """
+    import glob
+
+    found = sorted(glob.glob(TORCH_WHEELS))
+    if not found:
+        raise PodmanUnavailable(f"no torch CPU wheel for CPython 3.11 at {TORCH_WHEELS}")
+    probe = podman.run(base, "python", "-c", "import sys; print('%d.%d' % sys.version_info[:2])")
+    if probe.stdout.strip() != "3.11":
+        raise PodmanUnavailable(f"{base}'s python is {probe.stdout.strip() or probe.stderr.strip()[-200:]!r}, "
+                                f"not 3.11 as {os.path.basename(found[-1])} needs")
+    context = work / "torch-context"
+    (context / "wheels").mkdir(parents=True)
+    wheel = context / "wheels" / os.path.basename(found[-1])
+    try:
+        os.link(found[-1], wheel)  # 190 MB: no copy when on the same file system
+    except OSError:
+        shutil.copy2(found[-1], wheel)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+         "--only-binary=:all:", "--dest", str(context / "wheels"), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        shutil.rmtree(context)
+        raise PodmanUnavailable(f"pip cannot download torch's dependencies: {proc.stderr.strip()[-500:]}")
+    (context / "Containerfile").write_text(TORCH_CONTAINERFILE)
+    try:
+        podman.build(context, context / "Containerfile", tag, [("BASE", base)])
+    finally:
+        shutil.rmtree(context)
 
 
 def main(argv: Sequence[str]) -> int:

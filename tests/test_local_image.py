@@ -5,6 +5,8 @@ offline, all podman state in a temp dir that ``podman system reset`` removes) an
 reason where podman cannot run a container. They never use a bridge network: multi-node runs
 use ``--network loopback`` (every node in one holder container's network namespace, no
 outside network); the bridge route and GPU passing are checked through ``--dry-run`` argv.
+A second image, with torch CPU (``build_torch_image``: skips with the reason when there is no
+torch wheel on disk), runs a real 2-node torchrun job.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Dict, Iterator, List
 
 import pytest
 
-from image_support import Podman, PodmanUnavailable, build_image_offline
+from image_support import Podman, PodmanUnavailable, build_image_offline, build_torch_image
 from support import TRAINENV, clean_environ, run_trainenv, tree_state_of, write_script
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/trainenv-local-test:cpu"
+TORCH_IMAGE = "localhost/trainenv-local-test:torch"
 REPORT = re.compile(r"REPORT (\{.*\})")
 
 
@@ -163,6 +166,51 @@ def test_two_nodes_in_two_containers(engine: Engine, tmp_path: Path) -> None:
     job_dir = Path(re.search(r"job dir: +(\S+)", proc.stderr).group(1))  # type: ignore[union-attr]
     assert (job_dir / "output" / "model" / "rank").read_text() == "0"
     assert (job_dir / "nodes" / "algo-2" / "output" / "model" / "rank").read_text() == "1"
+    assert engine.left() == []
+
+
+@pytest.fixture(scope="session")
+def torch_image(engine: Engine) -> str:
+    """The test image with torch CPU installed from the wheel on disk (skips with the reason)."""
+    start = time.monotonic()
+    try:
+        build_torch_image(engine.podman, Path(engine.podman.env["TMPDIR"]), IMAGE, TORCH_IMAGE)
+    except PodmanUnavailable as exc:
+        pytest.skip(str(exc))
+    print(f"torch image built in {time.monotonic() - start:.0f} s")
+    return TORCH_IMAGE
+
+
+ALL_REDUCE_PY = """\
+import json, os, socket
+import torch
+import torch.distributed as dist
+dist.init_process_group("gloo")
+value = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(value)
+result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "sum": value.item(),
+          "host": socket.gethostname()}
+with open(os.path.join(os.environ["TRAINENV_MODEL_DIR"], "result.json"), "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.container
+def test_torchrun_all_reduce_across_two_containers(engine: Engine, torch_image: str, tmp_path: Path) -> None:
+    """A real 2-node torchrun job (1 process per node): a gloo all_reduce over the nodes' shared
+    loopback gives both ranks 1 + 2."""
+    source = _job(tmp_path, "reduce.py", ALL_REDUCE_PY)
+    job_dir = tmp_path / "job"
+    proc = run_trainenv(
+        "local", "--image", torch_image, "--source-dir", str(source), "--entry-point", "reduce.py",
+        "--job-dir", str(job_dir), "--nodes", "2", "--network", "loopback", "--distribution", "torchrun",
+        "--nproc-per-node", "1", env=engine.environ(), cwd=tmp_path, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [json.loads((job_dir / "output" / "model" / "result.json").read_text()),
+               json.loads((job_dir / "nodes" / "algo-2" / "output" / "model" / "result.json").read_text())]
+    assert results == [{"rank": rank, "world": 2, "sum": 3.0, "host": f"algo-{rank + 1}"} for rank in range(2)]
     assert engine.left() == []
 
 
@@ -373,6 +421,19 @@ exit 0
     removed = [call[-1] for call in calls if call[:2] == ["rm", "-f"]]
     assert sorted(removed) == sorted([holder_name, *(node[node.index("--name") + 1] for node in nodes)])
     assert sorted(proc.stdout.splitlines()) == ["[node-1] ran", "[node-2] ran"]
+    for host in ("algo-1", "algo-2"):  # rewritten for the shared mode before any container
+        config = json.loads((tmp_path / "job" / "nodes" / host / "resourceconfig.json").read_text())
+        assert config["network_interface_name"] == "lo"
+
+
+@pytest.mark.parametrize("network, interface", [("bridge", "eth0"), ("shared", "lo"), ("loopback", "lo")])
+def test_resourceconfig_names_the_interface_the_nodes_share(tmp_path: Path, network: str, interface: str) -> None:
+    """In the shared modes the nodes reach each other on the loopback (the loopback mode has no
+    eth0): gloo, NCCL and Open MPI are pointed at ``lo``."""
+    _dry_run(tmp_path, "podman", "--nodes", "2", "--network", network)
+    configs = [tmp_path / "job" / "input" / "config" / "resourceconfig.json",
+               *(tmp_path / "job" / "nodes" / f"algo-{i}" / "resourceconfig.json" for i in (1, 2))]
+    assert [json.loads(path.read_text())["network_interface_name"] for path in configs] == [interface] * 3
 
 
 @pytest.mark.container

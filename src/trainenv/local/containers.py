@@ -91,11 +91,11 @@ def run_image_job(
     flags = options["flags"]
     grace = _grace(flags, os.environ)
     nodes = int(options.get("nodes") or 1)
-    lay_out_nodes(layout, nodes)
     variables = container_variables(flags, options.get("env", ()))
     run_id = uuid.uuid4().hex[:12]
 
     def plan_for(network: str) -> ContainerPlan:
+        lay_out_nodes(layout, nodes, network)  # again on the fallback to shared: before any container
         return plan_containers(engine, layout, image, has_entrypoint, variables, options.get("job_args", ()),
                                nodes, network, options.get("gpus"), run_id)
 

@@ -107,22 +107,28 @@ def container_variables(flags: Mapping[str, Any], env_pairs: Iterable[tuple[str,
     return variables
 
 
-def lay_out_nodes(layout: Layout, nodes: int) -> None:
-    """Write each node's ``resourceconfig.json`` and make its output dir."""
+def lay_out_nodes(layout: Layout, nodes: int, network_mode: str = "bridge") -> None:
+    """Write each node's ``resourceconfig.json`` and make its output dir.
+
+    The interface it names is the one the nodes reach each other on: ``eth0`` on a bridge,
+    ``lo`` in the shared modes (one loopback, where ``algo-1..N`` resolve to 127.0.0.1; the
+    loopback mode has no other interface). Launchers pass it on (``GLOO_SOCKET_IFNAME``, ...).
+    """
     from trainenv.files import write_atomic
 
     hosts = [node_name(index) for index in range(nodes)]
+    interface = "eth0" if network_mode == "bridge" else "lo"
     try:
         for index, host in enumerate(hosts):
             node_dir = layout.base_dir / "nodes" / host
             (node_dir / "output").mkdir(parents=True, exist_ok=True)
-            config = {"current_host": host, "hosts": hosts, "network_interface_name": "eth0"}
+            config = {"current_host": host, "hosts": hosts, "network_interface_name": interface}
             write_atomic(node_dir / "resourceconfig.json", json.dumps(config, indent=2) + "\n")
         layout.output_dir.mkdir(parents=True, exist_ok=True)
         # Node 1's, in the config dir itself: each node's own is mounted over it (a mount point
         # inside a read-only mount must exist already).
         write_atomic(layout.config_dir / "resourceconfig.json", json.dumps(
-            {"current_host": hosts[0], "hosts": hosts, "network_interface_name": "eth0"}, indent=2) + "\n")
+            {"current_host": hosts[0], "hosts": hosts, "network_interface_name": interface}, indent=2) + "\n")
         write_atomic(layout.base_dir / "nodes" / "hosts",
                      "".join(f"127.0.0.1\t{name}\n" for name in ["localhost", *hosts]))
     except OSError as exc:
