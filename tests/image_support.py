@@ -31,6 +31,7 @@ v1/v2, as the CI machine has.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
@@ -41,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -466,6 +468,26 @@ def build_torch_image(podman: Podman, work: Path, base: str, tag: str) -> None:
         podman.build(context, context / "Containerfile", tag, [("BASE", base)])
     finally:
         shutil.rmtree(context)
+
+
+@contextlib.contextmanager
+def offline_image(prefix: str, repo: Path, tag: str, seconds: Optional[Dict[str, float]] = None) -> Iterator[Podman]:
+    """A podman with a state dir of its own holding ``tag``, built offline from ``repo``; on
+    exit every bit of that state is removed (and podman 4.3's blob-info cache, which ignores
+    ``--root``, when it was not there before). Raises ``PodmanUnavailable`` with the reason."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    had_var_lib = os.path.exists("/var/lib/containers")
+    podman: Optional[Podman] = None
+    try:
+        podman = Podman(work / "podman")
+        build_image_offline(podman, work, repo, tag, seconds)
+        yield podman
+    finally:
+        if podman is not None:
+            podman.reset()
+        shutil.rmtree(work, ignore_errors=True)
+        if not had_var_lib:
+            shutil.rmtree("/var/lib/containers", ignore_errors=True)
 
 
 def main(argv: Sequence[str]) -> int:

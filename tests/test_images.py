@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence
@@ -25,7 +24,7 @@ from typing import Dict, Iterator, List, Sequence
 import pytest
 
 from fixtures_wheels import build_wheel
-from image_support import SHIMS, Podman, PodmanUnavailable, build_image_offline
+from image_support import SHIMS, Podman, PodmanUnavailable, offline_image
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILES = {flavour: REPO / "docker" / f"Dockerfile.{flavour}" for flavour in ("cpu", "cuda")}
@@ -186,25 +185,13 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built() -> Iterator[Built]:
-    work = Path(tempfile.mkdtemp(prefix="trainenv-image-test-"))
-    had_var_lib = os.path.exists("/var/lib/containers")
-    try:
-        podman = Podman(work / "podman")
-    except PodmanUnavailable as exc:
-        shutil.rmtree(work)
-        pytest.skip(str(exc))
     seconds: Dict[str, float] = {}
     try:
-        try:
-            build_image_offline(podman, work, REPO, IMAGE, seconds)
-        except PodmanUnavailable as exc:
-            pytest.skip(str(exc))
-        yield Built(podman)
+        with offline_image("trainenv-image-test-", REPO, IMAGE, seconds) as podman:
+            yield Built(podman)
+    except PodmanUnavailable as exc:
+        pytest.skip(str(exc))
     finally:
-        podman.reset()
-        shutil.rmtree(work, ignore_errors=True)
-        if not had_var_lib:  # podman's blob-info cache ignores --root (podman 4.3)
-            shutil.rmtree("/var/lib/containers", ignore_errors=True)
         print("\nimage test timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
 
 

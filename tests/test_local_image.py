@@ -15,17 +15,15 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
 
 import pytest
 
-from image_support import Podman, PodmanUnavailable, build_image_offline, build_torch_image
+from image_support import Podman, PodmanUnavailable, build_torch_image, offline_image
 from support import TRAINENV, clean_environ, run_trainenv, tree_state_of, write_script
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,24 +51,11 @@ class Engine:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    work = Path(tempfile.mkdtemp(prefix="trainenv-local-image-"))
-    had_var_lib = os.path.exists("/var/lib/containers")
     try:
-        podman = Podman(work / "podman")
+        with offline_image("trainenv-local-image-", REPO, IMAGE) as podman:
+            yield Engine(podman)
     except PodmanUnavailable as exc:
-        shutil.rmtree(work)
         pytest.skip(str(exc))
-    try:
-        try:
-            build_image_offline(podman, work, REPO, IMAGE)
-        except PodmanUnavailable as exc:
-            pytest.skip(str(exc))
-        yield Engine(podman)
-    finally:
-        podman.reset()
-        shutil.rmtree(work, ignore_errors=True)
-        if not had_var_lib:  # podman's blob-info cache ignores --root (podman 4.3)
-            shutil.rmtree("/var/lib/containers", ignore_errors=True)
 
 
 TRAIN_PY = """\
