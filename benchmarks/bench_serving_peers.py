@@ -34,7 +34,9 @@ first use with pip: ``fastapi``, ``uvicorn[standard]``), never the project's ven
 on ``PATH`` (Debian: ``apt-get install wrk``).
 
 Run: ``.venv/bin/python benchmarks/bench_serving_peers.py`` (about 4 minutes; ``--quick``: 1 round
-of 5 s, about 1 minute; ``--json`` for the raw numbers).
+of 5 s, about 1 minute; ``--json`` for the raw numbers). To judge a change to the server, copy
+``src/`` before it and pass ``--baseline <copy>``: both trainenv servers then also run from the
+copy (``*-base``), in the same interleaved rounds, with the per-round ratios current / base.
 """
 
 from __future__ import annotations
@@ -275,6 +277,9 @@ def main() -> int:
     parser.add_argument("--kserve", action="store_true", help="also KServe's ModelServer, on the v2 route")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 s")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--baseline", default=None, metavar="SRC",
+                        help="also trainenv from another source tree (e.g. a copy of src/ before a change), "
+                             "named *-base and compared with the current one")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seconds = 1, 5.0
@@ -294,10 +299,11 @@ def main() -> int:
         scripts[path] = work / f"post{len(scripts)}.lua"
         scripts[path].write_text(WRK_SCRIPT % body)
 
-    def trainenv(name: str, **extra: str) -> Running:
+    def trainenv(name: str, src: str = "", **extra: str) -> Running:
         port = free_port()
+        path = os.pathsep.join([str(work)] + ([src] if src else []))
         env = _bench.base_env(TRAINENV_BASE_DIR=str(work / "ml"), TRAINENV_SERVING_HOST="127.0.0.1",
-                              TRAINENV_SERVING_PORT=str(port), PYTHONPATH=str(work), **extra)
+                              TRAINENV_SERVING_PORT=str(port), PYTHONPATH=path, **extra)
         return Running(name, [python, "-m", "trainenv.serving"], env, work, port)
 
     def uvicorn(name: str, workers: int) -> Running:
@@ -320,9 +326,16 @@ def main() -> int:
         kserve_python = venv_python(KSERVE_DIR, ["kserve"])
         servers += [Running(f"{s.name}-v2", [], {}, work, s.port, V2_PATH, V2_BODY, of=s) for s in servers[:2]]
         servers += [kserve("kserve-1w", 1), kserve(f"kserve-{n}w", n)]
+    if args.baseline:
+        base_src = str(Path(args.baseline).resolve())
+        servers += [trainenv("trainenv-1p-base", base_src, TRAINENV_SERVING_WORKERS="1"),
+                    trainenv(f"trainenv-{n}p-base", base_src, TRAINENV_SERVING_WORKERS=str(n))]
     if args.gunicorn:
         servers.append(trainenv(f"trainenv-gunicorn-{n}w", TRAINENV_SERVER="gunicorn", TRAINENV_SERVING_WORKERS=str(n)))
     pairs = [("trainenv-1p", "uvicorn-1w"), (f"trainenv-{n}p", f"uvicorn-{n}w")]
+    if args.baseline:
+        pairs += [("trainenv-1p-base", "uvicorn-1w"), (f"trainenv-{n}p-base", f"uvicorn-{n}w"),
+                  ("trainenv-1p", "trainenv-1p-base"), (f"trainenv-{n}p", f"trainenv-{n}p-base")]
     if args.gunicorn:
         pairs.append((f"trainenv-gunicorn-{n}w", f"uvicorn-{n}w"))
     if args.kserve:
