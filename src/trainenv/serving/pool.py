@@ -102,6 +102,10 @@ class InlineRunner:
     def overrunning(self) -> int:
         return self._overrunning
 
+    def has_free_slot(self) -> bool:
+        """Whether a call would start now, without waiting (read without the lock: a hint)."""
+        return self._busy < self.threads and not self._waiters
+
     def run(
         self, fn: Callable[..., _T], args: tuple[Any, ...], deadline: float, on_timeout: Callable[[], None] | None = None
     ) -> _T:

@@ -3,8 +3,11 @@
 ``ConnectionLoop`` runs in one thread per process. It accepts (``TCP_NODELAY``; one connection
 over ``max_connections`` gets an immediate 503), and it reads every connection without blocking
 until a whole request is buffered: the head, then the body too (``Content-Length`` or chunked,
-up to ``max_body`` bytes). Only then is the connection handed to ``handle(connection)`` on a
-``Dispatcher`` thread, which answers it and gives it back (``resume``) or closes it. So:
+up to ``max_body`` bytes). Only then is ``handle(connection)`` called, which answers it and gives
+the connection back (``resume``) or closes it: on a ``Dispatcher`` thread, or, for a request
+whose head and ``Content-Length`` body (if any) are all in the buffer, on the loop's own thread
+while the ``InlineLane`` allows it (the handler has been fast; a loop stuck in a slow request is
+replaced by a new loop thread, and retires once its request ends). So:
 
 * **Threads do not grow with connections.** Idle keep-alive connections, and clients that send
   their head or body slowly (slowloris), cost a buffer, never a thread; the handler threads only
@@ -16,9 +19,8 @@ up to ``max_body`` bytes). Only then is the connection handed to ``handle(connec
   (a stalled body: the app answers 408).
 * **Lingering close** (``linger``): after the answer, the loop reads and drops what the client
   still sends (up to a byte budget, 2 s), so the client reads the answer instead of a reset.
-* **One ``epoll`` with one-shot registrations** (Linux): a connection handed to a thread is not
-  watched; ``resume`` re-arms it from that thread with one system call. Elsewhere a plain
-  selector does the same through a wake-up pipe.
+* **One ``epoll`` with one-shot registrations** (``servers.poller``): a connection being answered
+  is not watched; ``resume`` re-arms it from the answering thread with one system call.
 
 How long to buffer: ``trainenv.serving.servers.buffering``; which thread and which worker
 process take the work: ``trainenv.serving.servers.dispatch``.
@@ -28,12 +30,9 @@ from __future__ import annotations
 
 import errno
 import os
-import select
-import selectors
 import socket
 import threading
 import time
-from collections import deque
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,7 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from trainenv.serving.servers.dispatch import Balance, Dispatcher
 
 from trainenv.serving.servers.buffering import LENGTH, NO_BODY, NOW, body_framing, chunked_end, head_end
+from trainenv.serving.servers.dispatch import InlineLane
 from trainenv.serving.servers.http11 import MAX_HEADERS, MAX_LINE
+from trainenv.serving.servers.poller import Poller
 
 IDLE, READING, BUSY, LINGER = 0, 1, 2, 3
 MAX_HEAD = (MAX_LINE + 2) * (MAX_HEADERS + 2)
@@ -59,7 +60,7 @@ class Connection:
     """One client connection: its socket, what it has sent so far, whose turn it is."""
 
     __slots__ = ("sock", "fd", "remote", "buf", "state", "since", "head", "need", "scan", "stalled", "answered",
-                 "budget")
+                 "budget", "whole")
 
     def __init__(self, sock: socket.socket, remote: str) -> None:
         self.sock = sock
@@ -74,6 +75,7 @@ class Connection:
         self.stalled = False  # handed over because the body stalled: reading more times out at once
         self.answered = False  # the watchdog answered 504 and closed
         self.budget = 0  # lingering: bytes still to drop
+        self.whole = False  # the buffer holds the head and its whole Content-Length body (or none)
 
     def complete(self, max_body: int) -> bool:
         """Whether the buffer holds a request to hand over (or one the parser must see now)."""
@@ -87,97 +89,19 @@ class Connection:
             self.head = end
             kind, length = body_framing(bytes(buf[:end]))
             if kind in (NO_BODY, NOW) or length > max_body:
+                self.whole = kind == NO_BODY
                 return True
             self.need = end + length if kind == LENGTH else -1
             self.scan = end
         if self.need >= 0:
-            return len(buf) >= self.need
+            self.whole = len(buf) >= self.need
+            return self.whole
         self.scan, end = chunked_end(buf, self.scan, self.head + max_body + 65536)
         return end != -1
 
     def reset(self) -> None:
         """A new request starts (the buffer may already hold it)."""
-        self.head, self.need, self.scan, self.stalled, self.answered = -1, 0, 0, False, False
-
-
-class _Poller:
-    """``epoll`` with one-shot registrations, or a selector that emulates them (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.epoll = select.epoll() if hasattr(select, "epoll") else None
-        self.selector: selectors.BaseSelector | None = None
-        self.pending: deque[int] = deque()
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        if self.epoll is not None:
-            self.epoll.register(self.wake_r, select.EPOLLIN)
-        else:
-            self.selector = selectors.DefaultSelector()
-            self.selector.register(self.wake_r, selectors.EVENT_READ)
-
-    def add(self, fd: int) -> None:
-        """Watch a new connection; from any thread."""
-        if self.epoll is not None:
-            self.epoll.register(fd, select.EPOLLIN | select.EPOLLONESHOT)
-        else:
-            self.arm(fd)
-
-    def arm(self, fd: int) -> None:
-        """Watch a connection again after it was handed out; from any thread."""
-        if self.epoll is not None:
-            self.epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
-        else:
-            self.pending.append(fd)
-            self.wake()
-
-    def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
-
-    def disarm(self, fd: int) -> None:
-        """Stop watching ``fd`` until ``arm`` (in the loop's thread)."""
-        if self.epoll is not None:
-            self.epoll.modify(fd, select.EPOLLONESHOT)
-        else:
-            self.forget(fd)
-
-    def forget(self, fd: int) -> None:
-        """Stop watching ``fd`` for good (before it is closed)."""
-        try:
-            if self.epoll is not None:
-                self.epoll.unregister(fd)
-            elif self.selector is not None:
-                self.selector.unregister(fd)
-        except (KeyError, ValueError, OSError):
-            pass
-
-    def poll(self, timeout: float) -> list[int]:
-        if self.epoll is not None:
-            return [fd for fd, _ in self.epoll.poll(timeout)]
-        assert self.selector is not None
-        while self.pending:
-            try:
-                self.selector.register(self.pending.popleft(), selectors.EVENT_READ)
-            except (KeyError, ValueError, OSError):
-                pass
-        ready = [key.fd for key, _ in self.selector.select(timeout)]
-        for fd in ready:
-            if fd != self.wake_r:
-                self.forget(fd)  # one-shot
-        return ready
-
-    def close(self) -> None:
-        for closable in (self.epoll, self.selector):
-            if closable is not None:
-                closable.close()
-        for fd in (self.wake_r, self.wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.head, self.need, self.scan, self.stalled, self.answered, self.whole = -1, 0, 0, False, False, False
 
 
 class ConnectionLoop:
@@ -195,6 +119,7 @@ class ConnectionLoop:
         read_timeout_s: float,
         max_body: int,
         balance: Balance | None = None,
+        inline_ready: Callable[[], bool] | None = None,
     ) -> None:
         self.sock = sock
         self.balance = balance
@@ -213,13 +138,17 @@ class ConnectionLoop:
         self.draining = False
         self.closing = False
         self.stopped = threading.Event()  # accepting has stopped
-        self.poller = _Poller()
+        self.poller = Poller()
+        self.generation = 0  # the loop thread serving this generation polls; older ones retire
+        self.sweeping = threading.Lock()
+        self.lane = None if inline_ready is None else InlineLane(inline_ready, self._take_over)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        """Read connections until ``close_all()`` (the loop's own thread)."""
+        """Read connections until ``close_all()`` (the loop's own thread; a new one after ``_take_over``)."""
         poller = self.poller
+        generation = self.generation
         next_sweep = time.monotonic() + _SWEEP_S
         try:
             while not self.closing:
@@ -232,18 +161,30 @@ class ConnectionLoop:
                         continue
                     conn = self.connections.get(fd)
                     if conn is not None:
-                        self._readable(conn)
+                        self._readable(conn, generation == self.generation)
+                if generation != self.generation:
+                    return  # a new loop thread took over while this one ran a request
                 now = time.monotonic()
                 if now >= next_sweep or self.draining:
                     next_sweep = now + _SWEEP_S
                     self._sweep(now)
         finally:
-            with self.lock:
-                left = list(self.connections.values())
-                self.connections.clear()
-            for conn in left:
-                _close(conn.sock)
-            poller.close()
+            if generation == self.generation:
+                if self.lane is not None:
+                    self.lane.stop()
+                with self.lock:
+                    left = list(self.connections.values())
+                    self.connections.clear()
+                for conn in left:
+                    _close(conn.sock)
+                poller.close()
+
+    def _take_over(self) -> None:
+        """The loop thread is stuck in a request (from the lane's watcher): a new one polls from now on."""
+        if self.closing:
+            return
+        self.generation += 1
+        threading.Thread(target=self.serve_forever, name="trainenv-connections", daemon=True).start()
 
     def accept_forever(self) -> None:
         """Accept connections until ``stop_accepting()`` (a thread of its own). ``accept`` blocks: the
@@ -288,8 +229,9 @@ class ConnectionLoop:
                 balance.publish(balance.NOT_ACCEPTING)
             self.stopped.set()
 
-    def _readable(self, conn: Connection) -> None:
-        """Read what the connection has; hand a complete request over, or watch it again."""
+    def _readable(self, conn: Connection, inline: bool = False) -> None:
+        """Read what the connection has; answer a complete request (on this thread when ``inline``
+        and the lane allows, else on a handler thread), or watch it again."""
         try:
             data = conn.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
@@ -311,11 +253,8 @@ class ConnectionLoop:
             conn.buf += data
             conn.since = time.monotonic()
             conn.state = READING
-        self._check(conn)
-
-    def _check(self, conn: Connection) -> None:
         if conn.buf and conn.complete(self.max_body):
-            self._dispatch(conn)
+            self._dispatch(conn, inline)
         elif self.draining and not conn.buf:
             self.close(conn)
         else:
@@ -327,14 +266,28 @@ class ConnectionLoop:
         except OSError:
             self.close(conn)
 
-    def _dispatch(self, conn: Connection) -> None:
+    def _dispatch(self, conn: Connection, inline: bool = False) -> None:
         with self.lock:
             conn.state = BUSY
             self.busy += 1
+        lane = self.lane
+        if inline and lane is not None and conn.whole:
+            now = time.monotonic()
+            if lane.allows(now):
+                lane.run(lambda: self.handle(conn), now)
+                return
         self.dispatcher.submit(lambda: self.handle(conn))
 
     def _sweep(self, now: float) -> None:
         """Close what timed out (and, when draining, every idle connection); hand over stalled bodies."""
+        if not self.sweeping.acquire(blocking=False):
+            return  # a retiring loop thread's last sweep: never two at once
+        try:
+            self._sweep_locked(now)
+        finally:
+            self.sweeping.release()
+
+    def _sweep_locked(self, now: float) -> None:
         with self.lock:
             conns = [c for c in self.connections.values() if c.state != BUSY]
         for conn in conns:

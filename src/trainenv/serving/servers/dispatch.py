@@ -1,5 +1,7 @@
-"""Who takes the work: handler threads within a process, connections across worker processes.
+"""Who takes the work: the connection loop or a handler thread, and which worker process.
 
+* ``InlineLane`` lets the connection loop answer a buffered request on its own thread while the
+  handler is fast, and rescues the loop when one is not (see the class).
 * ``Dispatcher`` runs each complete request on a thread, oldest first; threads are started on
   demand up to ``max_threads`` and then kept. Requests beyond that wait, unparsed, for a thread.
 * ``Balance`` spreads a burst of new connections evenly over the worker processes that share
@@ -14,6 +16,100 @@ import time
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
     from typing import Callable
+
+
+class InlineLane:
+    """When the connection loop answers a request itself instead of handing it to a thread.
+
+    A hand-over to a handler thread costs two thread switches and two GIL hand-overs; for a
+    handler that answers in tens of microseconds that is most of the request's cost. So the loop
+    runs a whole buffered request on its own thread when ``ready()`` (the server says: a handler
+    slot is free, nothing waits for a thread, no batching) and the handler has been fast: when the
+    moving average of the inline runs' wall time (weight 1/4 for the newest) passes ``budget_s``,
+    every request goes to the threads for ``cooldown_s``. An average, because on a busy machine
+    a fast run is now and then preempted for a few milliseconds; a handler that sleeps, waits on
+    I/O or a GPU, or computes for milliseconds crosses it within a few runs.
+
+    The loop polls no connection while it runs a request. A watcher thread, awake only while
+    requests run inline, looks every ``rescue_s``: a run older than that (a handler that turned
+    slow or hangs, a client that does not read its answer) gets ``on_stuck()``, which starts a
+    new loop thread; the stuck one retires when its request ends. So a slow request delays the
+    other connections by at most about ``2 * rescue_s``, once per ``cooldown_s``."""
+
+    def __init__(
+        self, ready: Callable[[], bool], on_stuck: Callable[[], None], *,
+        budget_s: float = 0.002, cooldown_s: float = 1.0, rescue_s: float = 0.01, idle_s: float = 1.0,
+    ) -> None:
+        self.ready = ready
+        self.on_stuck = on_stuck
+        self.budget_s = budget_s
+        self.cooldown_s = cooldown_s
+        self.rescue_s = rescue_s
+        self.idle_s = idle_s
+        self.slow_until = 0.0  # no inline runs before this time.monotonic()
+        self.average = 0.0  # seconds per inline run, a moving average
+        self.started = 0.0  # the start of the run in progress; 0.0 when none
+        self.runs = 0
+        self.last = 0.0  # the end of the last run
+        self.rescues = 0
+        self.stopped = False
+        self._awake = False
+        self._wanted = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def allows(self, now: float) -> bool:
+        return now >= self.slow_until and self.ready()
+
+    def run(self, job: Callable[[], None], now: float) -> None:
+        """Run ``job`` on this (the loop's) thread; ``now`` is ``time.monotonic()`` of ``allows``."""
+        self.runs += 1
+        self.started = now
+        if not self._awake:
+            self._wake_watcher()
+        try:
+            job()
+        finally:
+            end = time.monotonic()
+            self.started = 0.0
+            self.last = end
+            self.average += (end - now - self.average) * 0.25
+            if self.average > self.budget_s:
+                self._cool_down(end)
+
+    def _cool_down(self, now: float) -> None:
+        """Threads only for ``cooldown_s``; then inline runs try again from half the budget."""
+        self.slow_until = now + self.cooldown_s
+        self.average = self.budget_s / 2
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._wanted.set()
+
+    def _wake_watcher(self) -> None:
+        self._awake = True
+        if self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, name="trainenv-inline-watch", daemon=True)
+            self._watcher.start()
+        self._wanted.set()
+
+    def _watch(self) -> None:
+        rescued = 0
+        while not self.stopped:
+            self._wanted.wait()
+            time.sleep(self.rescue_s)
+            started, run = self.started, self.runs
+            now = time.monotonic()
+            if started and now - started >= self.rescue_s and run != rescued and not self.stopped:
+                rescued = run
+                self.rescues += 1
+                self._cool_down(now)
+                self.on_stuck()
+            elif not started and now - self.last >= self.idle_s:
+                self._awake = False  # asleep until the next run wakes it
+                self._wanted.clear()
+                if self.started:  # a run began while we decided: it would not have woken us
+                    self._awake = True
+                    self._wanted.set()
 
 
 class Dispatcher:

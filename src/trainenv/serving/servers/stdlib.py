@@ -3,8 +3,10 @@
 One process; an accept thread, one connection-loop thread that owns every connection between
 requests and reads without blocking until a whole request (head and body) is buffered, and a
 bounded set of handler threads (``handler_threads``) that parse, run the app and answer it
-(``trainenv.serving.servers.connections``). Idle keep-alive connections and slow clients hold no
-thread. The app's ``InlineRunner`` bounds how many handler calls run at once and answers 504
+(``trainenv.serving.servers.connections``). While the handler answers fast, the loop thread
+answers whole requests itself (no thread hand-over: about half the CPU of a small request); a
+slow one sends the work back to the handler threads. Idle keep-alive connections and slow
+clients hold no thread. The app's ``InlineRunner`` bounds how many handler calls run at once and answers 504
 through ``environ["trainenv.timeout_writer"]`` when one overruns: the answer is written and the
 connection closed while the handler finishes in the background. What makes it fit for
 production (parsing and bodies: ``trainenv.serving.servers.http11``):
@@ -112,7 +114,7 @@ class StdlibServer:
         self.loop = ConnectionLoop(
             sock, self._serve, self.dispatcher, log,
             max_connections=max_connections, keepalive_s=keepalive_s, read_timeout_s=read_timeout_s,
-            max_body=max_body, balance=balance,
+            max_body=max_body, balance=balance, inline_ready=self._inline_ready(app),
         )
         self.stopped = self.loop.stopped
 
@@ -135,6 +137,14 @@ class StdlibServer:
     @property
     def busy(self) -> int:
         return self.loop.busy
+
+    def _inline_ready(self, app: ServingApp) -> Callable[[], bool] | None:
+        """When the connection loop may answer a request itself: never with batching (a batch
+        waits for company); else while a handler slot is free and no request waits for a thread."""
+        if app.batcher is not None:
+            return None
+        pool, dispatcher = app.pool, self.dispatcher
+        return lambda: pool.has_free_slot() and dispatcher.backlog() == 0
 
     # -- one connection, on a dispatcher thread -----------------------------------------------------
 
