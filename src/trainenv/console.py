@@ -10,7 +10,7 @@ import sys
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import Iterable, Mapping, TextIO
+    from typing import Callable, Iterable, Mapping, TextIO
 
 from trainenv.redact import redact_text
 
@@ -24,6 +24,13 @@ class Console:
         self.level = _LEVELS.get(level.lower(), 1)
         self.secrets = tuple(secrets)
         self.stream = stream if stream is not None else sys.stderr
+        self.diverted: Callable[[bytes], None] | None = None
+
+    def divert(self, write: Callable[[bytes], None] | None) -> None:
+        """Hand the encoded lines to ``write`` instead of writing them (``None``: write again).
+        While a job runs, its supervisor writes our lines in order with the job's, on a thread of
+        its own, so a stalled reader of stderr never blocks us."""
+        self.diverted = write
 
     def set_level(self, level: str) -> None:
         """``quiet``, ``info`` or ``debug`` (the ``log_level`` setting, validated there)."""
@@ -31,6 +38,9 @@ class Console:
 
     def _write(self, text: str) -> None:
         lines = redact_text(text, self.secrets).splitlines() or [""]
+        if self.diverted is not None:
+            self.diverted("".join(f"trainenv: {line}\n" for line in lines).encode("utf-8", "replace"))
+            return
         try:
             self.stream.write("".join(f"trainenv: {line}\n" for line in lines))
             self.stream.flush()

@@ -320,7 +320,11 @@ class Launch:
             oom_count=oom_kill_counter(),
             before_spawn=self.signals.check,
         )
-        result = supervisor.run()
+        self.console.divert(lambda data: supervisor.output.write(2, data))
+        try:
+            result = supervisor.run()
+        finally:
+            self.console.divert(None)
         what = "the command" if plan.entry.kind == "command" else f"{plan.entry.kind} {os.path.basename(plan.entry.target)}"
         if result.exec_error:
             outcome = Outcome(result.exit_code, "UserError", result.exec_error)

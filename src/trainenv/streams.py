@@ -6,18 +6,28 @@ a line longer than ``LINE_LIMIT`` (64 KiB) goes out in pieces of that size, the 
 later marked ``[host:rank]+ ``: a job that writes megabytes without a newline costs linear time
 and at most ``LINE_LIMIT`` bytes of buffer. The last ``TAIL_BYTES`` of stderr are kept for the
 failure report.
+
+The writes themselves happen on a thread of their own (``Output``): a reader of our stdout or
+stderr that stalls (a log driver, a pipe nobody reads) must never stop the supervisor, which
+still has signals to forward and a time limit to keep.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:  # pragma: no cover
+    import threading
 
 
 TAIL_BYTES = 64 * 1024
 READ_SIZE = 64 * 1024
 LINE_LIMIT = 64 * 1024  # with a log prefix, longer lines are sent in pieces of this size
 PIPE_SIZE = 1024 * 1024
+PENDING_LIMIT = 1024 * 1024  # bytes read from the job and not yet written out, before reading pauses
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), spelled out to work on Python 3.9
 
 
@@ -43,6 +53,78 @@ def continued_prefix(prefix: bytes) -> bytes:
     return prefix[:-1] + b"+ " if prefix.endswith(b" ") else prefix + b"+ "
 
 
+class Output:
+    """Writes to our output fds on one thread of its own, in the order given.
+
+    ``write`` never blocks. While more than ``limit`` bytes wait (``full``), the supervisor stops
+    reading the job's pipes, so the job blocks on its own writes, as it would writing to the
+    stalled reader directly. A fd whose reader is gone (``EPIPE``) is dropped from then on; the
+    job keeps running. ``flush(seconds)`` waits until everything is written, or gives up. The
+    thread (and ``threading``, a few milliseconds of the launch) comes with the first write."""
+
+    def __init__(self, limit: int = PENDING_LIMIT) -> None:
+        self.limit = limit
+        self.pending = 0
+        self.closed: set[int] = set()
+        self._chunks: deque[tuple[int, bytes]] = deque()
+        self._changed: threading.Condition | None = None
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.limit
+
+    def write(self, fd: int, data: bytes) -> None:
+        if not data or fd in self.closed:
+            return
+        if self._changed is None:
+            import threading
+
+            self._changed = threading.Condition()
+            threading.Thread(target=self._run, args=(self._changed,), name="trainenv-output", daemon=True).start()
+        with self._changed:
+            self._chunks.append((fd, data))
+            self.pending += len(data)
+            self._changed.notify_all()
+
+    def wait_room(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` until at most half of ``limit`` waits; whether it is no longer full."""
+        deadline = time.monotonic() + seconds
+        if self._changed is None:
+            return True
+        with self._changed:
+            while self.pending > self.limit // 2:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            return self.pending < self.limit
+
+    def flush(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for everything to be written; whether it was."""
+        deadline = time.monotonic() + seconds
+        if self._changed is None:
+            return True
+        with self._changed:
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
+
+    def _run(self, changed: threading.Condition) -> None:
+        while True:
+            with changed:
+                while not self._chunks:
+                    changed.wait()
+                fd, data = self._chunks.popleft()
+            if fd not in self.closed and not write_all(fd, data):
+                self.closed.add(fd)
+            with changed:
+                self.pending -= len(data)
+                changed.notify_all()
+
+
 class Stream:
     """One of the job's output pipes, copied to one of ours.
 
@@ -52,9 +134,10 @@ class Stream:
     linear time and at most ``LINE_LIMIT`` bytes of buffer.
     """
 
-    def __init__(self, fd: int, target: int, prefix: bytes | None, keep_tail: bool) -> None:
+    def __init__(self, fd: int, target: int, prefix: bytes | None, keep_tail: bool, output: Output) -> None:
         self.fd = fd
         self.target = target
+        self.output = output
         self.prefix = prefix
         self.first = prefix or b""  # the mark of a line's first piece
         self.more = continued_prefix(prefix) if prefix else b""
@@ -62,7 +145,6 @@ class Stream:
         self.keep_tail = keep_tail
         self.tail = bytearray()
         self.partial = b""
-        self.target_open = True
         self.last_read_full = False
 
     def pump(self) -> bool:
@@ -121,8 +203,7 @@ class Stream:
         return pieces
 
     def _emit(self, data: bytes) -> None:
-        if self.target_open:
-            self.target_open = write_all(self.target, data)
+        self.output.write(self.target, data)
 
     def tail_text(self) -> str:
         return bytes(self.tail[-TAIL_BYTES:]).decode("utf-8", "replace")

@@ -11,7 +11,9 @@ that pipe and the job's stderr (and stdout, with line prefixes), then each tick:
 1. dispatches every signal read from the pipe: ``SIGTERM``/``SIGINT`` → ``stop``; ``SIGHUP``,
    ``SIGQUIT``, ``SIGUSR1``, ``SIGUSR2`` → forwarded to the job's processes; ``SIGCHLD`` → wake up;
 2. copies what the job wrote (``trainenv.streams``: unchanged, or line by line behind a log
-   prefix, a line over 64 KiB in pieces), keeping the last 64 KiB of stderr;
+   prefix, a line over 64 KiB in pieces), keeping the last 64 KiB of stderr; the writes happen
+   on a thread of their own, so a reader of our output that stalls never stops this loop (past
+   1 MiB unwritten it stops reading the job's pipes until the reader catches up);
 3. on ``SIGCHLD``, a closed pipe or a quiet tick, reaps with ``waitpid(-1, WNOHANG)`` until
    nothing is left; only the main process's status
    counts, orphans re-parented to us (as PID 1 or as a child subreaper) are reaped and logged
@@ -55,9 +57,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from trainenv.frozen import frozen
 from trainenv.spawn import reaped, spawn
-from trainenv.streams import Stream, grow_pipe
+from trainenv.streams import Output, Stream, grow_pipe
 
 COALESCE_SECONDS = 0.002
+PAUSED_CHECK_SECONDS = 0.02  # while the output is full: the longest wait for room before signals are read
+FLUSH_SECONDS = 10.0  # at the end, how long the job's last output may take to be written
 LEFTOVER_GRACE = 2.0
 TICK = 1.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -134,6 +138,8 @@ class Supervisor:
         self.kill_at: float | None = None
         self.deadline: float | None = None
         self.streams: dict[int, Stream] = {}
+        self.output = Output()
+        self.paused = False  # the job's pipes are not polled while the output is full
         self.poller = select.poll()
         self.watched: dict[int, Stream | None] = {}  # polled fds: the job's pipes, and None for the wakeup pipe
 
@@ -227,8 +233,15 @@ class Supervisor:
 
         Reaping is due on ``SIGCHLD`` and on a quiet tick. After a read that did not fill
         the buffer, a 2 ms pause lets the pipe fill up: a chatty job then costs a few hundred
-        reads a second instead of one per line, at most 2 ms later on screen.
+        reads a second instead of one per line, at most 2 ms later on screen. While more output
+        waits to be written than ``Output`` holds, it waits for room (20 ms at most) and then
+        reads only signals: the job's pipes fill up and the job waits, not this loop.
         """
+        full = self.output.full and not self.output.wait_room(min(timeout, PAUSED_CHECK_SECONDS))
+        if full != self.paused:
+            self._pause(full)
+        if full:
+            timeout = 0.0  # waited for room already: only signals now
         events = self.poller.poll(int(timeout * 1000) + 1 if timeout > 0 else 0)
         reap_due = not events
         partial_read = False
@@ -279,7 +292,7 @@ class Supervisor:
             keep_tail = target == 2
             os.set_blocking(fd, False)
             grow_pipe(fd)
-            stream = Stream(fd, target, self.prefix, keep_tail)
+            stream = Stream(fd, target, self.prefix, keep_tail, self.output)
             self.streams[target] = stream
             self._watch(fd, stream)
 
@@ -328,6 +341,7 @@ class Supervisor:
                     self.reap()
             self._end_leftovers()
             self._drain()
+            self.output.flush(FLUSH_SECONDS)
         finally:
             if terminal:
                 _set_foreground(os.getpgrp())
@@ -382,14 +396,26 @@ class Supervisor:
                 self._unwatch(fd)
 
     def _watch(self, fd: int, stream: Stream | None) -> None:
-        self.poller.register(fd, select.POLLIN)
+        if stream is None or not self.paused:
+            self.poller.register(fd, select.POLLIN)
         self.watched[fd] = stream
 
     def _unwatch(self, fd: int) -> None:
         """Stop polling one of the job's pipes, and close it."""
-        self.poller.unregister(fd)
+        if not self.paused:
+            self.poller.unregister(fd)
         del self.watched[fd]
         os.close(fd)
+
+    def _pause(self, paused: bool) -> None:
+        """Stop (or resume) reading the job's pipes; signals are still read."""
+        for fd, stream in self.watched.items():
+            if stream is not None:
+                if paused:
+                    self.poller.unregister(fd)
+                else:
+                    self.poller.register(fd, select.POLLIN)
+        self.paused = paused
 
 
 def _has_children() -> bool:
