@@ -328,3 +328,20 @@ def test_trainenv_local_takes_a_notebook_entry_point(tmp_path):
     done = run_trainenv("local", "--source-dir", "src", "--entry-point", "nb.ipynb", "--hp", "lr=0.25", text=False, cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()
     assert stdout_lines(done)[-1] == "lr is 0.25"
+
+
+def test_under_torchrun_each_rank_writes_its_own_copy(tmp_path):
+    """2 processes on one node (a real torchrun): rank 0's copy is ``train.ipynb``, rank 1's
+    ``train.rank1.ipynb``, each with its own output, neither written over the other."""
+    from support import free_port, need_torch
+
+    need_torch()
+    code = {"train.ipynb": notebook("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])")}
+    base = make_tree(tmp_path, code)
+    done = run_train(base, TRAINENV_ENTRY_POINT="train.ipynb", TRAINENV_DISTRIBUTION="torchrun",
+                     TRAINENV_NPROC_PER_NODE="2", TRAINENV_MASTER_PORT=str(free_port()), timeout=180)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    for name, rank in (("train.ipynb", 0), ("train.rank1.ipynb", 1)):
+        outputs = executed(base, name).cells[-1].outputs
+        assert "".join(out.get("text", "") for out in outputs) == f"rank {rank} of 2\n", name
+    assert sorted(p.name for p in (base / "output").glob("train*.ipynb")) == ["train.ipynb", "train.rank1.ipynb"]

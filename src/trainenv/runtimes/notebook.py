@@ -20,7 +20,9 @@ anything runs (``check_interpreter``). Then:
    this process's stdout/stderr (the job's log) as the kernel sends it;
 4. the executed notebook is written atomically to ``--output`` (``output/<stem>.ipynb``; never
    over the input, see ``executed_path``), whatever the end; a secret-named hyperparameter's
-   value is not written into that copy.
+   value is not written into that copy. Where a launcher runs several processes of the job
+   (torchrun, mpirun, one per node), each writes its own copy: rank 0 to ``--output``, rank N
+   to ``<stem>.rank<N>.ipynb`` beside it (``copy_for_rank``).
 
 | how it ends                         | exit status                                                     |
 |-------------------------------------|-----------------------------------------------------------------|
@@ -68,6 +70,16 @@ def executed_path(notebook: str, output_dir: str) -> str:
     if os.path.realpath(path) == os.path.realpath(notebook):
         path = os.path.join(output_dir, stem + ".executed.ipynb")
     return path
+
+
+def copy_for_rank(output: str, environ: Mapping[str, str]) -> str:
+    """``output`` for rank 0 (or no launcher), ``<stem>.rank<N>.ipynb`` beside it for rank N: the
+    processes of one job never write over each other's copy, on one node or a shared disk."""
+    rank = environ.get("RANK") or environ.get("OMPI_COMM_WORLD_RANK") or environ.get("PMI_RANK") or ""
+    if not rank.isdigit() or int(rank) == 0:
+        return output
+    root, extension = os.path.splitext(output)
+    return f"{root}.rank{int(rank)}{extension}"
 
 
 def runtime_args(notebook: str, output_dir: str, exclude_tags: tuple[str, ...], grace_seconds: float) -> tuple[str, ...]:
@@ -419,6 +431,7 @@ def main(argv: list[str]) -> int:
     numbers = inject_parameters(nb, source)
     if os.path.basename(output) != os.path.splitext(os.path.basename(notebook))[0] + ".ipynb":
         sys.stderr.write(f"trainenv: the executed notebook goes to {output}, not over the input {notebook}\n")
+    output = copy_for_rank(output, os.environ)
     import shutil
     import tempfile
 
