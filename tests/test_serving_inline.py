@@ -170,3 +170,33 @@ def test_with_batching_requests_never_run_on_the_loop_thread(tmp_path):
         assert LOOP not in names and names, names
     finally:
         assert srv.stop() == 0
+
+
+MARK_HANDLER = """
+import itertools
+import threading
+import time
+
+_marks = itertools.count()
+
+def model_fn(model_dir):
+    return None
+
+def predict_fn(data, model):
+    time.sleep(0.005)  # slow enough for the handler threads
+    thread = threading.current_thread()
+    return [thread.name, thread.__dict__.setdefault("trainenv_test_mark", next(_marks))]
+"""
+
+
+def test_with_no_queue_the_handler_threads_are_kept_not_started_per_request(tmp_path):
+    """``TRAINENV_SERVING_MAX_QUEUE=0``: 40 requests one after another on the handler threads
+    are answered by the few threads the server keeps, not by a new thread each."""
+    srv = start(tmp_path, MARK_HANDLER, TRAINENV_SERVING_MAX_QUEUE="0")
+    try:
+        seen = [json.loads(srv.post(b"[1]")[2]) for _ in range(40)]
+        on_threads = {mark for name, mark in seen if name == HANDLER_THREAD}
+        assert len([1 for name, _ in seen if name == HANDLER_THREAD]) >= 30, seen
+        assert len(on_threads) <= 3, seen
+    finally:
+        assert srv.stop() == 0
