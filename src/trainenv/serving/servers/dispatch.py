@@ -70,7 +70,8 @@ class InlineLane:
             job()
         finally:
             end = time.monotonic()
-            self.started = 0.0
+            if self.started == now:  # a rescued run ends while the new loop thread's may be running
+                self.started = 0.0
             self.last = end
             self.average += (end - now - self.average) * 0.25
             if self.average > self.budget_s:
