@@ -447,3 +447,21 @@ def test_source_archive_and_an_image_without_entrypoint(engine: Engine, tmp_path
         assert proc.returncode == 7, proc.stdout + proc.stderr
         assert 'REPORT {"from": "archive"}' in proc.stdout
     assert engine.left() == []
+
+
+def test_dry_run_picks_the_engine_a_real_run_would(tmp_path: Path) -> None:
+    """docker first on PATH but not answering, podman answering: the dry run prints podman
+    command lines, as a real run would use podman (it said docker before)."""
+    bin_dir = tmp_path / "bin"
+    _script(bin_dir / "docker", "#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n", executable=True)
+    _script(bin_dir / "podman", "#!/bin/sh\n"
+            'for arg in "$@"; do case "$arg" in version) exit 0;; inspect) echo \'["/entry"]\'; exit 0;; esac; done\n'
+            "exit 1\n", executable=True)
+    environ = clean_environ()
+    environ["PATH"] = f"{bin_dir}{os.pathsep}{environ.get('PATH', os.defpath)}"
+    proc = run_trainenv("local", "--image", "img:1", "--dry-run", "--job-dir", str(tmp_path / "job"),
+                        cwd=tmp_path, env=environ)
+    assert proc.returncode == 0, proc.stderr
+    assert "does not answer" not in proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert lines and all(argv[0] == str(bin_dir / "podman") for argv in lines), proc.stdout

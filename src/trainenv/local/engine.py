@@ -58,7 +58,9 @@ def kind_of(executable: str) -> str:
 
 
 def find_engine(environ: Mapping[str, str], probe: bool = True) -> Engine:
-    """The engine to use; without ``probe`` (``--dry-run``) it need not answer, nor exist."""
+    """The engine to use: ``TRAINENV_CONTAINER_ENGINE``, else the first on PATH that answers.
+    Without ``probe`` (``--dry-run``) the same choice, but when none answers the first on PATH
+    (or ``docker``) stands in, so a dry run also works where no engine runs."""
     import shlex
     import shutil
 
@@ -75,16 +77,20 @@ def find_engine(environ: Mapping[str, str], probe: bool = True) -> Engine:
             raise ConfigError.at(ENGINE_VARIABLE, None, f"{words[0]!r} is not an executable on PATH")
         return engine  # not probed: the image inspection that follows asks it anyway
     tried = []
+    stand_in = None
     for name in ENGINES:
         found = shutil.which(name)
         if found is None:
             tried.append(f"{name}: not on PATH")
             continue
         engine = with_host_flags((found,), name)
-        problem = answers(engine) if probe else ""
+        problem = answers(engine)
         if not problem:
             return engine
         tried.append(f"{name}: {problem}")
+        stand_in = stand_in or engine
+    if not probe:
+        return stand_in or with_host_flags((ENGINES[0],), ENGINES[0])
     raise ConfigError(
         f"no container engine answers ({'; '.join(tried)}): install podman or docker, "
         f"or name one in {ENGINE_VARIABLE}"
