@@ -346,11 +346,13 @@ def test_keep_alive_is_fast(server):
     assert elapsed < 2.0, f"200 keep-alive requests took {elapsed:.2f} s"
 
 
-def test_ping_is_not_logged_at_info(server):
+def test_ping_is_not_logged_at_info_unless_it_is_answered_an_error(server):
     server.request("GET", "/ping")
+    server.request("DELETE", "/ping", headers={"X-Request-Id": "wrong-method"})
     server.post(b"[1]", X_Request_Id="logged-at-info")
     server.wait_for(r'INFO .*"POST /invocations" 200 .* logged-at-info', 5)
     assert '"GET /ping"' not in server.log
+    assert re.search(r'INFO .*"DELETE /ping" 405 .* wrong-method', server.log), server.log
 
 
 def test_timeout_is_504_and_the_next_request_succeeds(server):

@@ -188,7 +188,7 @@ class ServingApp:
     def _access_line(
         self, environ: MutableMapping[str, Any], method: str, path: str, status: int, size: int, request_id: str
     ) -> None:
-        health = path in self._health
+        health = path in self._health and (status < 400 or status == 503)  # a probe's usual answers: DEBUG
         if health and not self._access_health:
             return
         elapsed = (time.perf_counter() - environ["trainenv.started"]) * 1000.0

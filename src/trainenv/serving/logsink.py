@@ -5,8 +5,9 @@
 prefix). Lines below ``level`` are dropped before they are formatted. Every line goes through
 ``trainenv.redact.redact_text`` with the secret values of the environment, so a secret that
 ends up in an exception message or a traceback is shown as ``***``. Access lines for health
-checks (``/ping`` and the readiness routes) are DEBUG, other requests INFO (SageMaker's
-5-second ``/ping`` would otherwise flood the log).
+checks (``/ping`` and the readiness routes) answered 2xx or 503 are DEBUG, other requests
+INFO (SageMaker's 5-second ``/ping`` would otherwise flood the log; a health route answered
+405 or 500 is worth seeing).
 """
 
 from __future__ import annotations
