@@ -127,8 +127,11 @@ def test_shell_format_is_safe_to_eval(run_trainenv, job_tree, tmp_path):
 
 
 def test_shell_format_follows_trainenv_compat(run_trainenv, research_tree):
+    activated = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # else PATH, VIRTUAL_ENV too
+
     def names(compat: str) -> set:
-        result = run_trainenv("env", "--format", "shell", extra_env={"TRAINENV_BASE_DIR": str(research_tree), "TRAINENV_COMPAT": compat})
+        result = run_trainenv("env", "--format", "shell", extra_env={"TRAINENV_BASE_DIR": str(research_tree), "TRAINENV_COMPAT": compat,
+                                                                      "PATH": activated})
         assert result.returncode == 0, result.stderr
         return {line.split("=", 1)[0].split()[1].split("_")[0] for line in result.stdout.splitlines()}
 
@@ -185,9 +188,9 @@ def test_shell_format_leaves_secrets_out_with_a_comment(run_trainenv, secret_tre
         for prefix in ("TRAINENV_HP_", "PAI_HPS_", "SM_HP_"):
             # wandbApiKey becomes WANDBAPIKEY: no longer a secret name, but its value is one
             kind = "holds a secret" if name in ("wandbApiKey", "MyAPIKey") else "secret"
-            assert f"\n# {prefix}{normalize(name)}: {kind}, left out (--show-secrets prints it)\n" in shell
+            assert f"\n# {prefix}{normalize(name)}: {kind}, left out (--show-secrets shows it)\n" in shell
     for name in ("TRAINENV_HPS", "TRAINENV_HP_DB", "SM_TRAINING_ENV"):
-        assert f"\n# {name}: holds a secret, left out (--show-secrets prints it)\n" in shell
+        assert f"\n# {name}: holds a secret, left out (--show-secrets shows it)\n" in shell
     back = eval_in_sh(shell, re.findall(r"^export ([A-Z0-9_]+)=", shell, re.MULTILINE))
     assert "TRAINENV_HP_HF_TOKEN" not in back and "TRAINENV_HPS" not in back
     for i, name in enumerate(NOT_SECRET_NAMES):
@@ -293,7 +296,7 @@ def test_shell_format_survives_a_secret_that_is_also_a_name_part(run_trainenv, r
     assert all(re.fullmatch(r"[A-Z0-9_]+", name) for name in names)
     back = eval_in_sh(out, names)
     assert back["TRAINENV_CURRENT_HOST"] == "algo-1" and "TRAINENV_HP_API_KEY" not in back
-    assert "# TRAINENV_HP_API_KEY: secret, left out (--show-secrets prints it)" in out.splitlines()
+    assert "# TRAINENV_HP_API_KEY: secret, left out (--show-secrets shows it)" in out.splitlines()
 
 
 @pytest.mark.parametrize("fmt", ["json", "yaml", "shell"])

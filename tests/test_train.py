@@ -488,3 +488,21 @@ def test_a_log_reader_that_goes_away_does_not_change_the_outcome(tmp_path):
         os.close(write_end)
     assert done.returncode == 0
     assert not (base / "output" / "failure").exists()
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="the tests run from a venv here only")
+def test_a_command_finds_the_job_interpreter_of_a_venv_that_is_not_activated(tmp_path):
+    """trainenv runs from a venv whose bin/ is not on PATH (a newcomer's `.venv/bin/trainenv`):
+    `python` in a command is the job's interpreter, VIRTUAL_ENV names its venv; with the venv's
+    bin/ already on PATH nothing is added."""
+    show = "python -c 'import os, sys; print(sys.executable); print(os.environ.get(\"VIRTUAL_ENV\", \"-\")); print(os.environ[\"PATH\"])'"
+    bin_dir = os.path.dirname(sys.executable)
+    base = make_tree(tmp_path / "ml")
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if os.path.normpath(p) != bin_dir)
+    done = run_train(base, text=True, TRAINENV_COMMAND=show, PATH=plain_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-3:] == [sys.executable, sys.prefix, bin_dir + os.pathsep + plain_path]
+    activated = bin_dir + os.pathsep + plain_path
+    again = run_train(base, text=True, TRAINENV_COMMAND=show, PATH=activated)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-3:] == [sys.executable, os.environ.get("VIRTUAL_ENV", "-"), activated]

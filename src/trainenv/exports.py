@@ -449,7 +449,7 @@ def shell_lines(variables: Mapping[str, str], secrets: Iterable[str] = (), show_
     for name, value in variables.items():
         if not show_secrets and redact_data(value, secrets, name) != value:
             kind = "secret" if is_secret_name(name) else "holds a secret"
-            lines.append(f"# {name}: {kind}, left out (--show-secrets prints it)\n")
+            lines.append(f"# {name}: {kind}, left out (--show-secrets shows it)\n")
         else:
             lines.append(f"export {name}={shlex.quote(value)}\n")
     return "".join(lines)

@@ -17,6 +17,8 @@ environment is the inherited one, plus the snapshot's variables (``trainenv.expo
 and the ``python_path`` setting's dirs before the inherited value (never the launcher's
 ``sys.path``). A command from OCI Data Science's ``OCI__LAUNCH_CMD`` that is not a launcher also
 gets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (``settings.platforms``).
+A job interpreter in a virtual environment whose ``bin`` is not on ``PATH`` is activated as
+``activate`` would (``venv_activation``), a conda pack as ``conda activate`` would.
 
 Size: argv and environment together stay well under what ``exec`` accepts
 (``exports.kernel_arg_limit``). Once the inherited environment and a reserve for the
@@ -323,6 +325,21 @@ def child_environ(
     return child
 
 
+def venv_activation(python: str, path: str) -> dict[str, str]:
+    """``PATH`` (and ``VIRTUAL_ENV``) as ``activate`` would set them, when the job's interpreter is
+    a virtual environment's and its ``bin`` is not on ``path``: so ``python``, ``pip`` or
+    ``torchrun`` in a command are the job's own. Empty otherwise (a system interpreter, an
+    activated venv)."""
+    bin_dir = os.path.dirname(python)
+    home = os.path.dirname(bin_dir)
+    if not os.path.isabs(python) or not os.path.isfile(os.path.join(home, "pyvenv.cfg")):
+        return {}
+    entries = path.split(os.pathsep) if path else []
+    if any(os.path.normpath(entry) == os.path.normpath(bin_dir) for entry in entries if entry):
+        return {}
+    return {"PATH": bin_dir + (os.pathsep + path if path else ""), "VIRTUAL_ENV": home}
+
+
 def build_plan(
     env: TrainingEnv,
     settings: LaunchSettings,
@@ -362,7 +379,8 @@ def build_plan(
         source = settings.sources.get("conda_pack", "conda_pack")
         pack = plan_pack(settings.conda_pack, source, python_source, os.path.dirname(run_dir(env, environ)))
     python = pack.python if pack is not None else settings.interpreter
-    activated = ("PATH", "CONDA_PREFIX") if pack is not None else ()
+    venv = venv_activation(python, environ.get("PATH", os.defpath)) if pack is None else {}
+    activated = ("PATH", "CONDA_PREFIX") if pack is not None else tuple(venv)
     nproc = settings.nproc_per_node or env.platform_nproc_per_node or env.num_gpus or 1
     port = int(settings.master_port or env.master_port or DEFAULT_MASTER_PORT)
     limit = kernel_arg_limit()
@@ -411,6 +429,7 @@ def build_plan(
     child = child_environ(environ, exported, paths, extra)
     if pack is not None:  # as `conda activate` would: its bin/ first on PATH, CONDA_PREFIX
         child.update(pack.environ(child.get("PATH", os.defpath)))
+    child.update(venv)
     too_long = [arg for arg in launch.argv if len(arg.encode("utf-8", "surrogateescape")) >= MAX_ARG_STRLEN]
     if too_long:
         where = entry.source if entry is not None else "the command"
