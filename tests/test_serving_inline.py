@@ -200,3 +200,29 @@ def test_with_no_queue_the_handler_threads_are_kept_not_started_per_request(tmp_
         assert len(on_threads) <= 3, seen
     finally:
         assert srv.stop() == 0
+
+
+def test_requests_that_arrive_with_a_slow_one_are_answered_by_the_new_loop_thread(tmp_path):
+    """A slow request and 20 fast ones on other connections sent at once: the fast ones that
+    the loop had already taken when it got stuck are handed to the new loop thread, not lost."""
+    srv = start(tmp_path)
+    post = b'POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n'
+    socks = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(21)]
+    try:
+        time.sleep(0.2)  # all accepted and watched
+        socks[0].sendall(post.replace(b"Length: 5", b"Length: 6") + b'"hold"')
+        for sock in socks[1:]:
+            sock.sendall(post + b'"who"')
+        began = time.monotonic()
+        for sock in socks[1:]:
+            data = b""
+            while not data.endswith(b'"'):
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+            assert data.startswith(b"HTTP/1.1 200 ")
+        assert time.monotonic() - began < 1.5  # well before the slow one's 2 s
+    finally:
+        for sock in socks:
+            sock.close()
+        assert srv.stop() == 0

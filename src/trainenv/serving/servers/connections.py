@@ -7,7 +7,8 @@ up to ``max_body`` bytes). Only then is ``handle(connection)`` called, which ans
 the connection back (``resume``) or closes it: on a ``Dispatcher`` thread, or, for a request
 whose head and ``Content-Length`` body (if any) are all in the buffer, on the loop's own thread
 while the ``InlineLane`` allows it (the handler has been fast; a loop stuck in a slow request is
-replaced by a new loop thread, and retires once its request ends). So:
+replaced by a new loop thread, which also gets the events the stuck one had taken and not yet
+read; the stuck one retires once its request ends). So:
 
 * **Threads do not grow with connections.** Idle keep-alive connections, and clients that send
   their head or body slowly (slowloris), cost a buffer, never a thread; the handler threads only
@@ -33,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 
 TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
 if TYPE_CHECKING:  # pragma: no cover
@@ -140,6 +142,7 @@ class ConnectionLoop:
         self.stopped = threading.Event()  # accepting has stopped
         self.poller = Poller()
         self.generation = 0  # the loop thread serving this generation polls; older ones retire
+        self.batch: deque[int] = deque()  # the events the loop thread has taken and not yet read
         self.sweeping = threading.Lock()
         self.lane = None if inline_ready is None else InlineLane(inline_ready, self._take_over)
 
@@ -152,7 +155,12 @@ class ConnectionLoop:
         next_sweep = time.monotonic() + _SWEEP_S
         try:
             while not self.closing:
-                for fd in poller.poll(_SWEEP_S):
+                self.batch = batch = deque(poller.poll(_SWEEP_S))
+                while batch:
+                    try:
+                        fd = batch.popleft()  # ``_take_over`` may take the rest from another thread
+                    except IndexError:
+                        break
                     if fd == poller.wake_r:
                         try:
                             os.read(poller.wake_r, 4096)
@@ -161,7 +169,7 @@ class ConnectionLoop:
                         continue
                     conn = self.connections.get(fd)
                     if conn is not None:
-                        self._readable(conn, generation == self.generation)
+                        self._readable(conn)
                 if generation != self.generation:
                     return  # a new loop thread took over while this one ran a request
                 now = time.monotonic()
@@ -184,6 +192,15 @@ class ConnectionLoop:
         if self.closing:
             return
         self.generation += 1
+        batch = self.batch  # the events the stuck thread had taken and not read: the new thread's now
+        while batch:
+            try:
+                fd = batch.popleft()
+            except IndexError:
+                break
+            conn = self.connections.get(fd)
+            if conn is not None:
+                self._arm(conn)
         threading.Thread(target=self.serve_forever, name="trainenv-connections", daemon=True).start()
 
     def accept_forever(self) -> None:
@@ -229,9 +246,9 @@ class ConnectionLoop:
                 balance.publish(balance.NOT_ACCEPTING)
             self.stopped.set()
 
-    def _readable(self, conn: Connection, inline: bool = False) -> None:
-        """Read what the connection has; answer a complete request (on this thread when ``inline``
-        and the lane allows, else on a handler thread), or watch it again."""
+    def _readable(self, conn: Connection) -> None:
+        """Read what the connection has; answer a complete request (on this thread when the lane
+        allows, else on a handler thread), or watch it again."""
         try:
             data = conn.sock.recv(262144)
         except (BlockingIOError, InterruptedError):
@@ -254,7 +271,7 @@ class ConnectionLoop:
             conn.since = time.monotonic()
             conn.state = READING
         if conn.buf and conn.complete(self.max_body):
-            self._dispatch(conn, inline)
+            self._dispatch(conn, inline=True)
         elif self.draining and not conn.buf:
             self.close(conn)
         else:
