@@ -236,6 +236,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too: a multi-node job's ``MASTER_PORT`` (node 0 of a
+    multi-node trainenv job listens on ``MASTER_PORT + 1`` for the others)."""
+    for _ in range(50):
+        port = free_port()
+        if port < 65535:
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free pair of ports")
+
+
 def write_script(path: Path, text: str, *, executable: bool = False) -> Path:
     path.write_text(text)
     if executable:

@@ -43,6 +43,7 @@ from support import (
     TRAINENV,
     failure,
     free_port,
+    free_port_pair,
     make_tree,
     need_mpi,
     need_tool,
@@ -383,20 +384,6 @@ def test_wait_for_peers_names_an_unresolvable_master():
 # -- node 0's link and wait-for-master (real processes, no MPI) ------------------------------
 
 
-def hub_ports() -> int:
-    """A master port whose successor (node 0's link) is free too."""
-    for _ in range(50):
-        port = free_port()
-        if port < 65535:
-            try:
-                with socket.socket() as probe:
-                    probe.bind(("", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free pair of ports")
-
-
 def start_waiter(tmp_path: Path, port: int, rank: int, *, job: str = "job", timeout: float = 20) -> subprocess.Popen:
     failure = tmp_path / f"node{rank}" / "output" / "failure"
     return subprocess.Popen(
@@ -417,7 +404,7 @@ def finished(proc: subprocess.Popen, timeout: float = 20) -> subprocess.Complete
 
 
 def test_node_link_gathers_every_node_then_relays_the_status_and_failure(tmp_path):
-    port = hub_ports() + 1
+    port = free_port_pair() + 1
     console = Lines()
     link = NodeLink.open(port, "job", {1: "node1", 2: "node2"}, console)
     probe = socket.create_connection(("127.0.0.1", port))  # wait_for_peers' probe: connects, leaves
@@ -445,7 +432,7 @@ def test_node_link_gathers_every_node_then_relays_the_status_and_failure(tmp_pat
 
 
 def test_node_link_success_and_a_node_that_never_comes(tmp_path):
-    port = hub_ports() + 1
+    port = free_port_pair() + 1
     link = NodeLink.open(port, "job", {1: "node1"}, Lines())
     waiter = start_waiter(tmp_path, port, 1)
     link.gather(30)
@@ -467,7 +454,7 @@ def test_node_link_success_and_a_node_that_never_comes(tmp_path):
 
 
 def test_wait_for_master_when_node_zero_vanishes_or_never_listens(tmp_path):
-    port = hub_ports() + 1
+    port = free_port_pair() + 1
     link = NodeLink.open(port, "job", {1: "node1"}, Lines())
     waiter = start_waiter(tmp_path, port, 1)
     link.gather(30)
@@ -477,7 +464,7 @@ def test_wait_for_master_when_node_zero_vanishes_or_never_listens(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("ConnectionError: node 0 (127.0.0.1:")
     t0 = time.monotonic()
-    done = finished(start_waiter(tmp_path, hub_ports() + 1, 1, timeout=1))
+    done = finished(start_waiter(tmp_path, free_port_pair() + 1, 1, timeout=1))
     assert done.returncode == 78 and "ConfigError: timed out after 1 s connecting to node 0" in done.stderr
     assert time.monotonic() - t0 < 6
 
@@ -530,7 +517,7 @@ def test_mpirun_missing_is_a_config_error(tmp_path):
 
 def test_a_master_that_never_comes_up_times_out(tmp_path):
     need_torch()
-    port = hub_ports()
+    port = free_port_pair()
     base = make_tree(tmp_path / "node1", {"train.py": "print(1)\n"})
     env = node_env(tmp_path, base, TRAINENV_DISTRIBUTION="torchrun", TRAINENV_ENTRY_POINT="train.py",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="1", WORLD_SIZE="2",
@@ -546,7 +533,7 @@ def test_a_master_that_never_comes_up_times_out(tmp_path):
 
 @needs_mpirun
 def test_mpi_node_zero_whose_other_node_never_comes_times_out(tmp_path):
-    port = hub_ports()
+    port = free_port_pair()
     base = make_tree(tmp_path / "node0", {"train.py": "print(1)\n"}, resource_config=cluster("localhost", hosts=("localhost", "fakenode1")))
     done = run_trainenv("train", env=node_env(tmp_path, base, TRAINENV_DISTRIBUTION="mpi", TRAINENV_ENTRY_POINT="train.py",
                                 TRAINENV_MASTER_PORT=str(port), TRAINENV_PEER_TIMEOUT_SECONDS="1.5"))
@@ -576,7 +563,7 @@ def ranks_of(results, world: int) -> List[dict]:
 def test_torchrun_two_trainenv_nodes_pai_style_on_loopback(tmp_path, record_property):
     """PAI DLC's node-level MASTER_ADDR/RANK/WORLD_SIZE + NPROC_PER_NODE; 2 nodes x 2 processes."""
     need_torch()
-    port = hub_ports()
+    port = free_port_pair()
     procs = []
     t0 = time.monotonic()
     for node in (0, 1):
@@ -629,7 +616,7 @@ def test_torchrun_c10d_two_namespaced_nodes_from_resourceconfig(tmp_path, record
 @pytest.mark.distributed
 def test_torchrun_a_failing_rank_fails_every_node(tmp_path, record_property):
     need_torch()
-    port = hub_ports()
+    port = free_port_pair()
     procs, bases = [], []
     t0 = time.monotonic()
     for node in (0, 1):
@@ -674,7 +661,7 @@ def test_mpi_two_trainenv_nodes_through_a_login_like_agent(tmp_path, record_prop
     hosts = ("localhost", "fakenode1")
     bases = mpi_nodes(tmp_path, hosts, interface="lo")
     agent = write_rsh_agent(tmp_path / "fake-rsh", log=tmp_path / "agent.log", login_env=True)
-    port = hub_ports()
+    port = free_port_pair()
     t0 = time.monotonic()
     procs = [start([*TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
                    log_dir=tmp_path) for base in reversed(bases)]  # node 1 first: it waits for node 0
@@ -717,7 +704,7 @@ def test_mpi_a_failing_rank_fails_every_node(tmp_path, record_property):
     hosts = ("localhost", "fakenode1")
     bases = mpi_nodes(tmp_path, hosts, hyperparameters={"fail-rank": 3}, interface="lo")
     agent = write_rsh_agent(tmp_path / "fake-rsh", login_env=True)
-    port = hub_ports()
+    port = free_port_pair()
     t0 = time.monotonic()
     procs = [start([*TRAINENV, "train"], env=mpi_env(tmp_path, base, port, agent, TRAINENV_MPI_OPTIONS="--mca btl self,tcp"),
                    log_dir=tmp_path) for base in bases]

@@ -19,7 +19,7 @@ from typing import List
 import pytest
 
 from distributed_harness import json_lines, launcher_environ, report_wall_time, start, wait_all
-from support import PYTHON, REPO, TRAINENV, failure, free_port, make_tree, need_torch, run_trainenv
+from support import PYTHON, REPO, TRAINENV, failure, free_port, free_port_pair, make_tree, need_torch, run_trainenv
 from trainenv import launcher_commands as lc
 from trainenv.errors import ConfigError
 from trainenv.launcher_commands import NodeFacts, extend_argv, extend_string, given_options
@@ -251,7 +251,7 @@ def test_deepspeed_without_no_ssh_is_a_config_error_naming_the_version(tmp_path)
 def test_plain_torchrun_command_on_two_nodes(tmp_path, record_property):
     """``torchrun torch_allreduce.py`` as the command on both nodes; trainenv adds the node arguments."""
     need_torch()
-    port = free_port()
+    port = free_port_pair()
     procs, t0 = [], time.monotonic()
     for node in (0, 1):
         base = make_tree(tmp_path / f"node{node}", {"torch_allreduce.py": TORCH_EXAMPLE})
@@ -315,7 +315,7 @@ def test_plain_accelerate_command_on_two_nodes(tmp_path, record_property):
     need_torch()
     if not Path(BIN, "accelerate").exists():
         pytest.skip("accelerate is not installed")
-    port = free_port()
+    port = free_port_pair()
     procs, t0 = [], time.monotonic()
     for node in (0, 1):
         base = make_tree(tmp_path / f"node{node}", {"train.py": ALLREDUCE})
@@ -338,7 +338,7 @@ def test_plain_deepspeed_command_on_two_nodes_without_ssh(tmp_path, record_prope
     need_torch()
     if not Path(BIN, "deepspeed").exists():
         pytest.skip("deepspeed is not installed")
-    port = free_port()
+    port = free_port_pair()
     procs, bases, t0 = [], [], time.monotonic()
     for node in (0, 1):
         base = make_tree(tmp_path / f"node{node}", {"train.py": ALLREDUCE})
