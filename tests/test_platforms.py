@@ -11,11 +11,12 @@ import shlex
 import shutil
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from support import PYTHON, REPO, failure, job_environ, need_tool, run_trainenv, tree_state_of
+from support import PYTHON, REPO, TRAINENV, failure, job_environ, need_tool, run_trainenv, tree_state_of
 
 EXAMPLES = REPO / "examples"
 ADS = EXAMPLES / "ads"
@@ -325,3 +326,73 @@ def test_a_directory_source_is_copied_links_kept_and_the_dir_left_alone(job_tree
     around = train(base, TRAINENV_SOURCE=str(base), TRAINENV_ENTRY_POINT="train.py")
     assert around.returncode == 78 and f"TRAINENV_SOURCE: '{base}': holds the code dir" in around.stderr
     assert (base / "usercode" / "train.py").is_file()  # the code fetched before is still there
+
+
+# -- OCI Data Science's node list (CLUSTER_NODES_METADATA_FILE) ---------------------------------
+
+NODE_LIST = [{"Rank": 1, "IPAddress": "10.0.0.6"}, {"Rank": 0, "IPAddress": "10.0.0.5"}]
+SHOW_CLUSTER = "import os\nprint(os.environ['TRAINENV_MASTER_HOST'], os.environ['TRAINENV_CURRENT_HOST'], os.environ['TRAINENV_HOSTS'])\n"
+
+
+def test_ads_node_list_names_the_master_and_the_hosts_by_rank(job_tree, tmp_path):
+    base = job_tree(code={"train.py": ""})
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps(NODE_LIST))
+    view = launch_view(base, **MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(nodes),
+                       CODE_ENTRYPOINT="train.py")
+    assert (view["cluster_source"], view["master_host"], view["current_host"], view["hosts"], view["node_rank"]) == (
+        "ADS", "10.0.0.5", "10.0.0.6", ["10.0.0.5", "10.0.0.6"], 1)
+    # MASTER_ADDR, when the platform gives it, wins over the list
+    view = launch_view(base, **MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(nodes),
+                       MASTER_ADDR="10.9.9.9", CODE_ENTRYPOINT="train.py")
+    assert view["master_host"] == "10.9.9.9"
+
+
+def test_train_waits_for_the_node_list_and_then_runs(job_tree, tmp_path):
+    """The service writes the list as the nodes come up: trainenv waits (saying so once), then runs."""
+    base = job_tree(code={"train.py": SHOW_CLUSTER})
+    nodes = tmp_path / "nodes.json"
+    proc = subprocess.Popen(
+        [*TRAINENV, "train"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=job_environ(base, **MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(nodes),
+                        CODE_ENTRYPOINT="train.py", TRAINENV_PEER_TIMEOUT_SECONDS="30"),
+    )
+    time.sleep(1.5)
+    nodes.write_text(json.dumps(NODE_LIST[:1]))  # one of two: still waiting
+    time.sleep(1.5)
+    nodes.write_text(json.dumps(NODE_LIST))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1] == '10.0.0.5 10.0.0.6 ["10.0.0.5","10.0.0.6"]'
+    assert err.count("waiting for the node list") == 1, err
+
+
+def test_a_node_list_that_never_comes_times_out_with_one_line(job_tree, tmp_path):
+    base = job_tree(code={"train.py": "print('ran')\n"})
+    missing = tmp_path / "nodes.json"
+    result = train(base, **MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(missing),
+                   CODE_ENTRYPOINT="train.py", TRAINENV_PEER_TIMEOUT_SECONDS="1.5")
+    assert result.returncode == 78 and "ran" not in result.stdout
+    assert failure(base).splitlines()[0] == (
+        f"ConfigError: CLUSTER_NODES_METADATA_FILE='{missing}': the node list does not exist yet (0 of 2 nodes); "
+        "waited 1.5 s (TRAINENV_PEER_TIMEOUT_SECONDS)"
+    )
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"Rank": 0}', "expected a JSON list of"),
+    ("[{", "the node list is not valid JSON"),
+    ('[{"Rank": "first", "IPAddress": "10.0.0.5"}]', "[0]: {'Rank': 'first', 'IPAddress': '10.0.0.5'} has no Rank that is a non-negative integer"),
+    ('[{"Rank": 0, "IPAddress": "$(reboot)"}]', "[0].IPAddress: '$(reboot)' is not a host name"),
+    ('[{"Rank": 0, "IPAddress": "10.0.0.5"}, {"Rank": 0, "IPAddress": "10.0.0.7"}]', "[1]: rank 0 is listed as '10.0.0.5' and as '10.0.0.7'"),
+])
+def test_a_bad_node_list_is_one_line_naming_the_file_and_entry(job_tree, tmp_path, content, expected):
+    base = job_tree(code={"train.py": "print('ran')\n"})
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(content)
+    result = train(base, **MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(nodes),
+                   CODE_ENTRYPOINT="train.py")
+    assert result.returncode == 78 and "Traceback" not in result.stderr
+    first = failure(base).splitlines()[0]
+    assert first.startswith(f"ConfigError: CLUSTER_NODES_METADATA_FILE='{nodes}': ") and expected in first, first
+    assert nodes.read_text() == content  # read, never written

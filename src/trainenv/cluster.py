@@ -91,7 +91,8 @@ Rules worth knowing
   ``cpu``, ``xpu`` mean "not said": ``None``.
 * **ADS** (OCI Data Science, only with its markers: ``cluster_values.is_ads``): the node count
   is ``INITIAL_CLUSTER_SIZE``, else ``NODE_COUNT``, else ``OCI__WORKER_COUNT`` + 1; the master
-  is ``MASTER_ADDR``, else (one node) ``hostname``.
+  is ``MASTER_ADDR``, else rank 0 of the node list ``CLUSTER_NODES_METADATA_FILE`` names (its
+  addresses by rank are the hosts), else (one node) ``hostname``.
 * **network_interface** comes only from resourceconfig's ``network_interface_name``.
 
 Errors
@@ -115,6 +116,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from typing import Any, Callable, Sequence
 
 from trainenv.cluster_values import (
+    ads_node_addresses,
     ads_nodes,
     check_sparse,
     host_list,
@@ -530,10 +532,13 @@ def _from_ads(environ: Mapping[str, str], hostname: str) -> Cluster | None:
         return None
     num_nodes, rank = nodes
     master = read_var(environ, "MASTER_ADDR")
-    if master is None and num_nodes > 1:
+    listed = ads_node_addresses(environ, num_nodes) if master is None and num_nodes > 1 else None
+    if listed is not None:
+        master, hostname = listed[0], listed[rank]
+    elif master is None and num_nodes > 1:
         raise ConfigError.at("NODE_COUNT", None, f"{num_nodes} nodes but no master address: set MASTER_ADDR (node 0's address) or TRAINENV_HOSTS")
     return Cluster(
-        hosts=(), current_host=hostname, node_rank=rank, num_nodes=num_nodes,
+        hosts=listed or (), current_host=hostname, node_rank=rank, num_nodes=num_nodes,
         master_addr=hostname if master is None else host_name(master, "MASTER_ADDR", None),
         master_port=platform_master_port(environ, ("MASTER_PORT", "PET_MASTER_PORT")), network_interface=None,
         nproc_per_node=platform_nproc_per_node(environ), source="ADS",

@@ -21,6 +21,7 @@ from trainenv.redact import redact_urls
 
 NPROC_KEYWORDS = ("auto", "gpu", "cpu", "xpu")
 DIGITS = re.compile(r"[0-9]+")
+HOST_CHARS = re.compile(r"[A-Za-z0-9._:%\[\]-]{1,255}")
 MAX_PORT = 65535
 MAX_DIGITS = 9  # ranks and sizes beyond 10**9 nodes are typos
 
@@ -61,6 +62,56 @@ def ads_nodes(environ: Mapping[str, str]) -> tuple[int, int] | None:
     if rank >= (count or 1):
         raise ConfigError.at("NODE_RANK", None, f"{rank} is not below the node count {count or 1} (NODE_COUNT)")
     return count or 1, rank
+
+
+ADS_NODES_FILE = "CLUSTER_NODES_METADATA_FILE"
+ADS_NODES_FILE_LIMIT = 1024 * 1024
+
+
+class NodesNotListed(ConfigError):
+    """ADS's node list does not name every node yet: the service writes it as the nodes come up."""
+
+
+def ads_node_addresses(environ: Mapping[str, str], num_nodes: int) -> tuple[str, ...] | None:
+    """The nodes' addresses by rank, from the file ``CLUSTER_NODES_METADATA_FILE`` names (OCI Data
+    Science's distributed training: a JSON list of ``{"Rank": n, "IPAddress": "a.b.c.d"}``);
+    ``None`` when the variable is unset. ``NodesNotListed`` while the file is missing or lacks a
+    rank below ``num_nodes`` (the runner waits for it); any other flaw is a ``ConfigError``."""
+    path = read_var(environ, ADS_NODES_FILE)
+    if path is None:
+        return None
+    source = f"{ADS_NODES_FILE}={show(path)}"
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(ADS_NODES_FILE_LIMIT + 1)
+    except FileNotFoundError:
+        raise NodesNotListed.at(source, None, f"the node list does not exist yet (0 of {num_nodes} nodes)") from None
+    except OSError as exc:
+        raise ConfigError.at(source, None, f"cannot read the node list: {exc.strerror or exc}") from None
+    if len(data) > ADS_NODES_FILE_LIMIT:
+        raise ConfigError.at(source, None, f"the node list is over {ADS_NODES_FILE_LIMIT // 1024} KiB")
+    try:
+        entries = json.loads(data) if data.strip() else []
+    except (ValueError, RecursionError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ConfigError.at(source, None, f"the node list is not valid JSON ({reason})") from None
+    if not isinstance(entries, list):
+        raise ConfigError.at(source, None, f"expected a JSON list of {{\"Rank\": n, \"IPAddress\": ...}}, got {type(entries).__name__}")
+    addresses: dict[int, str] = {}
+    for index, entry in enumerate(entries):
+        key = f"[{index}]"
+        rank = entry.get("Rank") if isinstance(entry, dict) else None
+        if isinstance(rank, str) and DIGITS.fullmatch(rank) and len(rank) <= MAX_DIGITS:
+            rank = int(rank)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError.at(source, key, f"{show(entry)} has no Rank that is a non-negative integer")
+        address = host_name(entry.get("IPAddress"), source, f"{key}.IPAddress")
+        if addresses.setdefault(rank, address) != address:
+            raise ConfigError.at(source, key, f"rank {rank} is listed as {show(addresses[rank])} and as {show(address)}")
+    missing = [rank for rank in range(num_nodes) if rank not in addresses]
+    if missing:
+        raise NodesNotListed.at(source, None, f"{num_nodes - len(missing)} of {num_nodes} nodes listed (rank {missing[0]} missing)")
+    return tuple(addresses[rank] for rank in range(num_nodes))
 
 
 def show(value: Any) -> str:
@@ -121,7 +172,9 @@ def platform_nproc_per_node(
 
 
 def is_host_name(text: str) -> bool:
-    return bool(text) and not any(c.isspace() or c == "\0" for c in text)
+    """Letters, digits and ``-._:%[]`` (names, IPv4, ``[v6]`` with a zone, ``host:port``): never
+    quotes, ``$(...)``, spaces or slashes, which no platform puts in a host name."""
+    return bool(HOST_CHARS.fullmatch(text))
 
 
 def host_name(value: Any, source: str, key: str | None) -> str:

@@ -194,7 +194,9 @@ class Launch:
         file_settings, settings_path = config.read_file_settings(self.layout.settings_files)
         settings = resolve_settings(self.flags, self.environ, file_settings, settings_path or "trainenv.yaml")
         self.console.set_level(settings.log_level)
-        env = build_training_env(self.environ, layout=self.layout, settings=file_settings, settings_source=settings_path)
+        env = self._snapshot(lambda: build_training_env(
+            self.environ, layout=self.layout, settings=file_settings, settings_source=settings_path,
+        ), settings.peer_timeout_seconds, dry_run)
         self._scrub(known_secrets(self.environ, env.hyperparameters))  # before anything can quote them
         if settings.source and not dry_run:  # the plan checks the entry point in the fetched code
             self.signals.waiting(lambda: self._fetch(settings))  # a signal stops the fetch at once
@@ -229,6 +231,29 @@ class Launch:
 
             self.nodes = self.signals.waiting(lambda: prepare_nodes(env, plan, self.console))
         return self._supervise(plan)
+
+    def _snapshot(self, build: Callable[[], Any], timeout: float, dry_run: bool) -> Any:
+        """``build()``, retried every second while OCI Data Science's node list does not name every
+        node yet (``cluster_values.NodesNotListed``), for at most ``timeout`` (the peer timeout);
+        ``env`` and ``--dry-run`` do not wait."""
+        import time
+
+        from trainenv.cluster_values import NodesNotListed
+
+        deadline = time.monotonic() + timeout
+        said = False
+        while True:
+            try:
+                return build()
+            except NodesNotListed as exc:
+                if dry_run:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise ConfigError(f"{exc}; waited {timeout:g} s (TRAINENV_PEER_TIMEOUT_SECONDS)") from None
+                if not said:
+                    self.console.info(f"waiting for the node list: {exc}")
+                    said = True
+                self.signals.waiting(lambda: time.sleep(1.0))
 
     def _fetch(self, settings: Any) -> None:
         """Fetch the code (``trainenv.sources``) into the code dir, replacing what was there."""
