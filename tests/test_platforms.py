@@ -348,6 +348,21 @@ def test_ads_node_list_names_the_master_and_the_hosts_by_rank(job_tree, tmp_path
     assert view["master_host"] == "10.9.9.9"
 
 
+def test_the_interface_carrying_this_nodes_listed_address_goes_to_nccl_and_gloo(job_tree, tmp_path):
+    """This node is listed as 127.0.0.1, which `lo` carries: NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME
+    name it, as ADS sets them; a value the platform set is kept."""
+    base = job_tree(code={"train.py": ""})
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(json.dumps([{"Rank": 0, "IPAddress": "10.0.0.5"}, {"Rank": 1, "IPAddress": "127.0.0.1"}]))
+    environ = dict(MARKER, NODE_COUNT="2", NODE_RANK="1", CLUSTER_NODES_METADATA_FILE=str(nodes), CODE_ENTRYPOINT="train.py")
+    view = launch_view(base, **environ)
+    assert view["network_interface"] == "lo"
+    exported = view["launch"]["environment"]
+    assert (exported["NCCL_SOCKET_IFNAME"], exported["GLOO_SOCKET_IFNAME"]) == ("lo", "lo")
+    kept = launch_view(base, **environ, GLOO_SOCKET_IFNAME="eth7")["launch"]["environment"]
+    assert kept.get("GLOO_SOCKET_IFNAME", "eth7") == "eth7" and kept["NCCL_SOCKET_IFNAME"] == "lo"
+
+
 def test_train_waits_for_the_node_list_and_then_runs(job_tree, tmp_path):
     """The service writes the list as the nodes come up: trainenv waits (saying so once), then runs."""
     base = job_tree(code={"train.py": SHOW_CLUSTER})

@@ -163,6 +163,11 @@ def build_training_env(
         hostname=hostname or os.uname().nodename,
     )
     cpus, memory, gpus = probe_hardware(environ, root)
+    network_interface = cluster.network_interface
+    if network_interface is None and cluster.source == "ADS" and cluster.hosts:  # nodes listed by address
+        from trainenv.resources.network import interface_with_address
+
+        network_interface = interface_with_address(cluster.current_host)
     output_channels = _output_channels(layout)
     job_name = (
         environ.get("TRAINENV_JOB_NAME")
@@ -197,7 +202,7 @@ def build_training_env(
         node_rank=cluster.node_rank,
         num_nodes=cluster.num_nodes,
         is_master=cluster.is_master,
-        network_interface=cluster.network_interface,
+        network_interface=network_interface,
         cluster_source=cluster.source,
         platform_nproc_per_node=cluster.nproc_per_node,
         num_cpus=cpus,
