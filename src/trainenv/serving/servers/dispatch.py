@@ -51,7 +51,6 @@ class InlineLane:
         self.started = 0.0  # the start of the run in progress; 0.0 when none
         self.runs = 0
         self.last = 0.0  # the end of the last run
-        self.rescues = 0
         self.stopped = False
         self._awake = False
         self._wanted = threading.Event()
@@ -102,7 +101,6 @@ class InlineLane:
             now = time.monotonic()
             if started and now - started >= self.rescue_s and run != rescued and not self.stopped:
                 rescued = run
-                self.rescues += 1
                 self._cool_down(now)
                 self.on_stuck()
             elif not started and now - self.last >= self.idle_s:
